@@ -1,0 +1,42 @@
+"""The exceptions pyrovae raises at its public boundary.
+
+Every error a user can cause (bad data, a wrong option, a missing or unsafe file) is one of
+these, with a one-line message that names the problem and the fix. They subclass the builtin
+exception a caller would expect (``ValueError``, ``FileNotFoundError``), so existing ``except``
+clauses keep working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PyrovaeError",
+    "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "CheckpointError",
+    "TrainingError",
+]
+
+
+class PyrovaeError(Exception):
+    """Base class of every error pyrovae raises on purpose."""
+
+
+class ConfigError(PyrovaeError, ValueError):
+    """An argument or option is invalid (an impossible size, an unknown name, ...)."""
+
+
+class DataError(PyrovaeError, ValueError):
+    """Data has the wrong shape, dtype, values or support, or a data file is malformed."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A data file or data root does not exist."""
+
+
+class CheckpointError(PyrovaeError, ValueError):
+    """A checkpoint is missing, corrupted, unsafe, or belongs to another model."""
+
+
+class TrainingError(PyrovaeError, RuntimeError):
+    """Training cannot go on (for example, the loss stayed NaN for several steps)."""
