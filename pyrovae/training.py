@@ -30,7 +30,8 @@ class History:
     """What :func:`fit` measured, one entry per epoch.
 
     :ivar train_elbo: the training objective per datapoint (nats), averaged over the epoch's
-        minibatches; the ELBO for ``Trace_ELBO``, the IWAE bound for ``RenyiELBO(alpha=0)``.
+        minibatches: the ELBO for ``Trace_ELBO`` (with ``beta=1`` and no warm-up; else the
+        KL-weighted objective), the IWAE bound for ``RenyiELBO(alpha=0)``.
     :ivar validation_elbo: the validation ELBO per datapoint (nats), or ``None`` without
         validation data.
     :ivar epoch_seconds: wall time of each epoch (validation excluded).
@@ -85,6 +86,8 @@ def fit(
     seed: int | None = 0,
     device: Any = None,
     progress: bool = True,
+    beta: float = 1.0,
+    kl_warmup_epochs: float = 0.0,
 ) -> History:
     r"""Train ``vae`` by SVI on minibatches of ``train``.
 
@@ -101,6 +104,11 @@ def fit(
         global RNG alone.
     :param device: where to train (default: where the model is). The model is moved there.
     :param progress: show a tqdm progress bar with the running ELBO per datapoint.
+    :param beta: weight on the KL term, :math:`E_q[\log p(x|z)] - \beta\,KL(q\|p)` (beta-VAE;
+        Higgins et al. 2017). It scales the ``"z"`` site in model and guide; the validation ELBO
+        and every log-likelihood are always of the unweighted model.
+    :param kl_warmup_epochs: raise the KL weight linearly from 0 to ``beta`` over this many epochs
+        (Sønderby et al. 2016); 0 disables warm-up.
     :returns: a :class:`History`.
 
     The optimizer is one ``torch.optim.Adam`` over all parameters (Pyro's ``pyro.optim.Adam``
@@ -109,6 +117,9 @@ def fit(
     num_epochs = check_positive_int(num_epochs, "num_epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr = check_positive_float(lr, "lr")
+    beta = check_positive_float(beta, "beta")
+    if not isinstance(kl_warmup_epochs, (int, float)) or not 0 <= kl_warmup_epochs < math.inf:
+        raise ConfigError(f"kl_warmup_epochs must be a number >= 0, got {kl_warmup_epochs!r}")
     if loss is None:
         loss = Trace_ELBO()
     if not isinstance(loss, ELBO):
@@ -151,6 +162,7 @@ def fit(
 
     history = History()
     vae.train()
+    steps_per_epoch = len(batches)
     for epoch in range(num_epochs):
         start = time.perf_counter()
         total, count = 0.0, 0
@@ -162,7 +174,10 @@ def fit(
             unit="batch",
         )
         with pyro.validation_enabled(False):
-            for x, idx in bar:
+            for step, (x, idx) in enumerate(bar):
+                progress_epochs = epoch + step / steps_per_epoch
+                warm = min(1.0, progress_epochs / kl_warmup_epochs) if kl_warmup_epochs else 1.0
+                vae.kl_weight = beta * warm
                 x = x.to(device, non_blocking=True)
                 idx = idx.to(device, non_blocking=True)
                 if differentiable:
@@ -180,6 +195,7 @@ def fit(
                 if progress and history.num_steps % 10 == 0:
                     bar.set_postfix(elbo=f"{total / count:.2f}")
         bar.close()
+        vae.kl_weight = 1.0
         history.epoch_seconds.append(time.perf_counter() - start)
         history.train_elbo.append(total / count)
         if valid_set is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
+from pyro import poutine
 import torch
 from pyro.nn import PyroModule
 from torch import nn
@@ -72,6 +73,9 @@ class VAE(PyroModule):
         # share parameters (plain pyro.infer.SVI finds the parameters through these sites).
         self._param_name = f"pyrovae_vae_{next(_instance_counter)}"
         self._register = True
+        #: Weight on the ``"z"`` site in both model and guide, i.e. on the KL term of the ELBO
+        #: (beta-VAE, KL warm-up). :func:`pyrovae.fit` sets it; log-likelihoods ignore it.
+        self.kl_weight = 1.0
 
     # ------------------------------------------------------------------ Pyro program
     def _plate(self, x: torch.Tensor, idx: torch.Tensor | None) -> pyro.plate:
@@ -89,8 +93,10 @@ class VAE(PyroModule):
         """
         if self._register:
             pyro.module(self._param_name, self)
-        with self._plate(x, idx):
+        data = self._plate(x, idx)
+        with data, poutine.scale(scale=self.kl_weight):
             z = pyro.sample("z", self.prior())
+        with data:
             pyro.sample("x", self.likelihood(z), obs=x)
         return z
 
@@ -103,7 +109,7 @@ class VAE(PyroModule):
         """
         if self._register:
             pyro.module(self._param_name, self)
-        with self._plate(x, idx) as i:
+        with self._plate(x, idx) as i, poutine.scale(scale=self.kl_weight):
             return pyro.sample("z", self.family(x, i))
 
     # ------------------------------------------------------------------ conveniences
