@@ -77,7 +77,7 @@ def raw_steps_per_second(data: torch.Tensor, steps: int) -> float:
 def pyrovae_steps_per_second(data: torch.Tensor, steps: int) -> float:
     vae = VAE(
         StandardNormal(L),
-        DiagonalNormal(MLP(D, (H,), H), L),
+        DiagonalNormal(MLP(D, (H,), H, activate_output=True), L),
         Bernoulli(MLP(L, (H, H), D)),
         num_data=len(data),
     )

@@ -52,7 +52,11 @@ def _standard(cfg: VAEConfig, encoder_features: int) -> nn.Module:
 
 def _diagonal(cfg: VAEConfig) -> nn.Module:
     h = tuple(cfg.hidden_dims)
-    encoder = MLP(cfg.num_features, h[:-1], h[-1], cfg.activation) if h else nn.Identity()
+    encoder = (
+        MLP(cfg.num_features, h[:-1], h[-1], cfg.activation, activate_output=True)
+        if h
+        else nn.Identity()
+    )
     feature_dim = h[-1] if h else cfg.num_features
     return DiagonalNormal(encoder, cfg.latent_dim, feature_dim=feature_dim)
 

@@ -31,14 +31,16 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class MLP(nn.Sequential):
     """A multilayer perceptron ``in_dim -> hidden_dims... -> out_dim``.
 
-    The activation follows every hidden layer, not the output layer, so the output is
-    unconstrained (logits, locations, raw scales). Works on any leading batch shape:
+    The activation follows every hidden layer and, by default, not the output layer, so the
+    output is unconstrained (logits, locations, raw scales). Works on any leading batch shape:
     ``(..., in_dim) -> (..., out_dim)``.
 
     :param in_dim: input size.
     :param hidden_dims: sizes of the hidden layers, e.g. ``(400, 400)``; may be empty.
     :param out_dim: output size.
     :param activation: a name from :data:`ACTIVATIONS` or a callable returning a module.
+    :param activate_output: also apply the activation to the output (for an encoder whose
+        output is a feature vector fed to linear heads).
 
     Example::
 
@@ -53,6 +55,8 @@ class MLP(nn.Sequential):
         hidden_dims: Sequence[int],
         out_dim: int,
         activation: str | Callable[[], nn.Module] = "relu",
+        *,
+        activate_output: bool = False,
     ) -> None:
         dims = [in_dim, *hidden_dims, out_dim]
         for d in dims:
@@ -71,7 +75,7 @@ class MLP(nn.Sequential):
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
-            if i < len(dims) - 2:
+            if i < len(dims) - 2 or activate_output:
                 layers.append(make_activation())
         super().__init__(*layers)
         self.in_features = in_dim
