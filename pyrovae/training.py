@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import pyro
@@ -88,6 +89,7 @@ def fit(
     progress: bool = True,
     beta: float = 1.0,
     kl_warmup_epochs: float = 0.0,
+    on_epoch_end: Callable[[int, History], None] | None = None,
 ) -> History:
     r"""Train ``vae`` by SVI on minibatches of ``train``.
 
@@ -109,6 +111,8 @@ def fit(
         and every log-likelihood are always of the unweighted model.
     :param kl_warmup_epochs: raise the KL weight linearly from 0 to ``beta`` over this many epochs
         (Sønderby et al. 2016); 0 disables warm-up.
+    :param on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each epoch (``epoch``
+        counts from 1), e.g. to print progress or save pictures.
     :returns: a :class:`History`.
 
     The optimizer is one ``torch.optim.Adam`` over all parameters (Pyro's ``pyro.optim.Adam``
@@ -210,4 +214,6 @@ def fit(
                 f"the training ELBO became {history.train_elbo[-1]} in epoch {epoch + 1}; "
                 "lower the learning rate"
             )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, history)
     return history
