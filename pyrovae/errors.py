@@ -15,6 +15,8 @@ __all__ = [
     "DataNotFoundError",
     "CheckpointError",
     "TrainingError",
+    "PyrovaeWarning",
+    "ImportanceSamplingWarning",
 ]
 
 
@@ -40,3 +42,12 @@ class CheckpointError(PyrovaeError, ValueError):
 
 class TrainingError(PyrovaeError, RuntimeError):
     """Training cannot go on (for example, the loss stayed NaN for several steps)."""
+
+
+class PyrovaeWarning(UserWarning):
+    """Base class of the warnings pyrovae issues (a result is computed but may mislead)."""
+
+
+class ImportanceSamplingWarning(PyrovaeWarning):
+    """An importance-sampling estimate is not to be trusted (PSIS k-hat above 0.7 for too many
+    datapoints: the proposal :math:`q(z \\mid x)` is too narrow for the posterior)."""
