@@ -1,0 +1,319 @@
+"""The ``pyrovae`` command line: ``pyrovae train`` (the main job) and ``pyrovae evaluate``.
+
+``pyrovae train`` with no arguments trains a VAE on the bundled MNIST sample, prints per-epoch
+progress, the test ELBO and the importance-sampled test log-likelihood, and writes a run folder
+(``metrics.json``, ``config.json``, ``model.pt`` and PNG pictures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, PyrovaeError
+
+__all__ = ["main", "build_parser"]
+
+LOSSES = ("elbo", "meanfield", "iwae")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    from .build import FAMILIES, LIKELIHOODS, PRIORS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--latent-dim", type=int, default=50, help="size of z (default: 50)")
+    g.add_argument(
+        "--hidden-dims", type=int, nargs="*", default=[400, 400],
+        help="hidden layer sizes of encoder and decoder (default: 400 400)",
+    )
+    g.add_argument("--activation", default="relu", help="MLP activation (default: relu)")
+    g.add_argument("--prior", default="standard", help=f"one of {sorted(PRIORS)}")
+    g.add_argument("--family", default="diagonal", help=f"one of {sorted(FAMILIES)}")
+    g.add_argument("--likelihood", default="bernoulli", help=f"one of {sorted(LIKELIHOODS)}")
+    g.add_argument(
+        "--option", action="append", default=[], metavar="KEY=VALUE",
+        help="extra part option, e.g. --option scale=0.1 or --option num_transforms=4 (repeatable)",
+    )
+
+
+def _add_data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--dataset", default="default",
+        help="default (bundled MNIST sample), mnist, fashion-mnist, binarized-mnist, frey-faces",
+    )
+    g.add_argument(
+        "--data-root", default=None,
+        help="folder holding the data files (default: $PYROVAE_DATA; not needed for 'default')",
+    )
+    g.add_argument(
+        "--binarize", default=None, choices=("dynamic", "none"),
+        help="dynamic: redraw each pixel as Bernoulli(intensity) on every use (Burda et al. 2016); "
+        "none: keep grey values (default: the dataset's own default)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyrovae", description="Variational autoencoders as Pyro programs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE and report its test log-likelihood")
+    _add_data_options(t)
+    _add_model_options(t)
+    g = t.add_argument_group("training")
+    g.add_argument("--loss", default="elbo", choices=LOSSES,
+                   help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); "
+                   "iwae: RenyiELBO(alpha=0), the IWAE bound")
+    g.add_argument("--num-particles", type=int, default=1, help="particles per datapoint (IWAE's k)")
+    g.add_argument("--beta", type=float, default=1.0, help="weight on the KL term (default: 1)")
+    g.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
+    g.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20)")
+    g.add_argument("--batch-size", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--validation-fraction", type=float, default=0.1,
+                   help="share of the training split held out for validation (default: 0.1)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    g.add_argument("--out", type=Path, default=None,
+                   help="run folder (default: runs/<dataset>-<time>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e = t.add_argument_group("evaluation")
+    e.add_argument("--num-samples", type=int, default=1000,
+                   help="importance samples K per test datapoint (default: 1000)")
+    e.add_argument("--eval-points", type=int, default=None,
+                   help="evaluate on the first N test datapoints (default: all)")
+
+    v = sub.add_parser("evaluate", help="importance-sampled log-likelihood of a trained run")
+    v.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
+    v.add_argument("--num-samples", type=int, default=5000, help="K (default: 5000)")
+    v.add_argument("--eval-points", type=int, default=None)
+    v.add_argument("--data-root", default=None)
+    v.add_argument("--split", default="test")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    v.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option needs KEY=VALUE, got {item!r}; e.g. --option scale=0.1")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def _load(dataset: str, split: str, root: Any, binarize: Any) -> Any:
+    from .data import load_dataset
+
+    return load_dataset(dataset, split, root=root, binarize=binarize)
+
+
+def _loss(name: str, num_particles: int) -> Any:
+    from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+
+    if num_particles < 1:
+        raise ConfigError(f"--num-particles must be >= 1, got {num_particles}")
+    if name == "elbo":
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+    if name == "meanfield":
+        return TraceMeanField_ELBO(
+            num_particles=num_particles, vectorize_particles=num_particles > 1
+        )
+    return RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=True)
+
+
+def _split_validation(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
+    if not 0 <= fraction < 1:
+        raise ConfigError(f"--validation-fraction must be in [0, 1), got {fraction}")
+    n_valid = int(round(len(train) * fraction))
+    if n_valid == 0:
+        return train, None
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return train.subset(perm[n_valid:]), train.subset(perm[:n_valid])
+
+
+def _fixed_test_set(test: Any, eval_points: int | None, seed: int) -> Any:
+    if eval_points is not None:
+        if eval_points < 1:
+            raise ConfigError(f"--eval-points must be >= 1, got {eval_points}")
+        test = test.subset(min(eval_points, len(test)))
+    # One fixed binarization (seeded), so the ELBO and log p(x) score the same digits.
+    if getattr(test, "dynamic_binarization", False):
+        test = test.binarized(generator=torch.Generator().manual_seed(seed + 1))
+    return test
+
+
+def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress: bool) -> dict:
+    from .importance import elbo, log_likelihood
+
+    t0 = time.perf_counter()
+    test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress)
+    ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress)
+    seconds = time.perf_counter() - t0
+    print(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
+          f"(10 samples per datapoint, n={len(test_elbo.values)})")
+    print(f"test log-likelihood  {ll.mean:9.2f} ± {ll.stderr:.2f} nats "
+          f"(importance sampling, K={ll.num_samples}, n={len(ll.values)})")
+    return {
+        "test_elbo": {"mean": test_elbo.mean, "stderr": test_elbo.stderr, "num_samples": 10,
+                      "num_datapoints": len(test_elbo.values)},
+        "test_log_likelihood": {"mean": ll.mean, "stderr": ll.stderr, "num_samples": ll.num_samples,
+                                "num_datapoints": len(ll.values)},
+        "evaluation_seconds": seconds,
+    }
+
+
+def _train(args: argparse.Namespace) -> int:
+    from . import plots
+    from .build import VAEConfig, build_vae
+    from .training import fit
+
+    device = _device(args.device)
+    train_full = _load(args.dataset, "train", args.data_root, args.binarize)
+    test = _load(args.dataset, "test", args.data_root, args.binarize)
+    train, valid = _split_validation(train_full, args.validation_fraction, args.seed)
+    config = VAEConfig(
+        num_features=int(train.num_features),
+        latent_dim=args.latent_dim,
+        hidden_dims=tuple(args.hidden_dims),
+        activation=args.activation,
+        prior=args.prior,
+        family=args.family,
+        likelihood=args.likelihood,
+        image_shape=tuple(train.image_shape),
+        options=_parse_options(args.option),
+    )
+    torch.manual_seed(args.seed)
+    vae = build_vae(config, num_data=len(train))
+    loss = _loss(args.loss, args.num_particles)
+    out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"pyrovae train: {args.dataset} ({len(train)} train, "
+          f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
+          f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
+          f"latent_dim={config.latent_dim} loss={args.loss} device={device}")
+    print(f"run folder: {out}")
+
+    def report(epoch: int, history: Any) -> None:
+        valid_text = (
+            f"  validation ELBO {history.validation_elbo[-1]:9.2f}"
+            if history.validation_elbo[-1] is not None else ""
+        )
+        print(f"epoch {epoch:3d}/{args.epochs}  train objective {history.train_elbo[-1]:9.2f}"
+              f"{valid_text}  ({history.epoch_seconds[-1]:.1f} s)", flush=True)
+
+    t0 = time.perf_counter()
+    history = fit(
+        vae, train, loss=loss, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        validation=valid, seed=args.seed, device=device, progress=not args.no_progress,
+        beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
+    )
+    train_seconds = time.perf_counter() - t0
+    _save_model(out, vae, config, args)
+
+    test = _fixed_test_set(test, args.eval_points, args.seed)
+    metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
+                                not args.no_progress)
+    metrics.update(
+        dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
+        loss=args.loss, num_particles=args.num_particles, beta=args.beta,
+        kl_warmup_epochs=args.kl_warmup, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, device=str(device), train_seconds=train_seconds,
+        history=history.to_dict(), versions=_versions(),
+    )
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+    shape = config.image_shape
+    x = test[torch.arange(min(32, len(test)))][0].to(device)
+    plots.sample_grid(vae, shape, path=out / "samples.png")
+    plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png")
+    plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
+    if config.latent_dim == 2:
+        plots.latent_manifold(vae, shape, path=out / "manifold.png")
+    print(f"wrote {out}/: metrics.json config.json model.pt samples.png reconstructions.png "
+          f"training_curve.png{' manifold.png' if config.latent_dim == 2 else ''}")
+    return 0
+
+
+def _save_model(out: Path, vae: Any, config: Any, args: argparse.Namespace) -> None:
+    from .runs import save_model
+
+    run_config = {
+        "vae": dataclasses.asdict(config),
+        "num_data": vae.num_data,
+        "dataset": args.dataset,
+        "binarize": args.binarize,
+    }
+    save_model(out, vae, run_config)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .runs import load_model
+
+    device = _device(args.device)
+    vae, run_config = load_model(args.run, device=device)
+    test = _load(run_config["dataset"], args.split, args.data_root, run_config["binarize"])
+    test = _fixed_test_set(test, args.eval_points, args.seed)
+    print(f"pyrovae evaluate: {args.run} on {run_config['dataset']} {args.split} ({len(test)} points)")
+    metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
+                                not args.no_progress)
+    path = args.run / f"evaluation-{args.split}-K{args.num_samples}.json"
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+def _versions() -> dict[str, str]:
+    import pyro
+
+    from . import __version__
+
+    return {"pyrovae": __version__, "torch": torch.__version__, "pyro": pyro.__version__,
+            "python": platform.python_version()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pyrovae`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            return _train(args)
+        return _evaluate(args)
+    except PyrovaeError as e:
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
