@@ -51,3 +51,7 @@ class PyrovaeWarning(UserWarning):
 class ImportanceSamplingWarning(PyrovaeWarning):
     """An importance-sampling estimate is not to be trusted (PSIS k-hat above 0.7 for too many
     datapoints: the proposal :math:`q(z \\mid x)` is too narrow for the posterior)."""
+
+
+class NumericalWarning(PyrovaeWarning):
+    """A training step had a NaN or infinite loss or gradient and its update was skipped."""
