@@ -17,6 +17,7 @@ __all__ = [
     "TrainingError",
     "PyrovaeWarning",
     "ImportanceSamplingWarning",
+    "NumericalWarning",
 ]
 
 
