@@ -5,19 +5,64 @@ Contract: a family is a :class:`torch.nn.Module` with an integer attribute ``lat
 ``idx`` in the data set (shape ``(batch,)``; amortized families ignore them, per-datapoint families
 use them) and returns a reparameterizable distribution with ``batch_shape == (batch,)`` and
 ``event_shape == (latent_dim,)``.
+
+The families shipped here also split that call in two, so that other code can reuse the pieces:
+
+``features(x) -> h``
+    the encoder's output, shape ``(batch, feature_dim)`` (amortized families only). A
+    :class:`Flow` conditions its transforms on ``h``, so the encoder runs once per call.
+``local_params(x, idx) -> dict[str, Tensor]``
+    the **per-datapoint variational parameters** of the batch, each of shape ``(batch, ...)``,
+    all *unconstrained* (e.g. a raw scale that goes through ``softplus``), so that a gradient
+    optimizer can move them freely.
+``distribution_from_params(params) -> Distribution``
+    the distribution those parameters describe (batch shape ``params[...].shape[:1]``).
+
+``family(x, idx) == family.distribution_from_params(family.local_params(x, idx))``. The
+amortization-gap analysis of Cremer et al. (2018) optimizes each datapoint's own parameters from
+the encoder's output with the decoder fixed::
+
+    params = {k: v.detach().requires_grad_() for k, v in family.local_params(x).items()}
+    q = family.distribution_from_params(params)     # optimize params (encoder not used)
+
+For a :class:`Flow` the per-datapoint parameters are the base family's parameters plus the
+flow's context vector ``h`` (key ``"context"``); the flow's own networks stay shared.
+:class:`Local` wraps any family into a non-amortized one holding such parameters for every
+datapoint of a data set; :class:`LocalNormal` is a diagonal Gaussian per datapoint.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
+
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
+from pyro.distributions.conditional import ConditionalTransform
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
-__all__ = ["Family", "DiagonalNormal"]
+__all__ = [
+    "Family",
+    "DiagonalNormal",
+    "FullRankNormal",
+    "Flow",
+    "LocalNormal",
+    "Local",
+    "iaf",
+    "planar",
+    "radial",
+    "spline_autoregressive",
+    "householder",
+    "FLOW_TRANSFORMS",
+]
+
+Params = dict[str, torch.Tensor]
 
 
 def _feature_dim(encoder: nn.Module, feature_dim: int | None) -> int:
@@ -31,20 +76,54 @@ def _feature_dim(encoder: nn.Module, feature_dim: int | None) -> int:
     return check_positive_int(feature_dim, "feature_dim")
 
 
+def _inverse_softplus(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
 class Family(nn.Module):
     """Base class of variational families (optional: any module meeting the contract works).
 
+    Subclasses implement :meth:`local_params` (amortized ones through :meth:`features` and
+    :meth:`params_from_features`) and :meth:`distribution_from_params`; :meth:`forward` composes
+    them.
+
     :param latent_dim: the size of ``z``.
+    :cvar amortized: ``True`` when ``q(z|x)`` is computed from ``x`` by an encoder (and can thus
+        be evaluated at new inputs, as a :class:`~pyrovae.priors.VampPrior` needs).
     """
+
+    amortized: bool = True
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.latent_dim = check_positive_int(latent_dim, "latent_dim")
 
-    def forward(
-        self, x: torch.Tensor, idx: torch.Tensor | None = None
-    ) -> dist.Distribution:  # pragma: no cover - abstract
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder's features ``h``, shape ``(batch, feature_dim)``."""
+        raise ConfigError(
+            f"{type(self).__name__} has no encoder (it is not amortized); use an amortized "
+            "family such as DiagonalNormal"
+        )
+
+    def params_from_features(self, h: torch.Tensor) -> Params:  # pragma: no cover - abstract
+        """The variational parameters computed from features ``h`` of shape ``(batch, F)``."""
         raise NotImplementedError
+
+    def local_params(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> Params:
+        """Per-datapoint unconstrained variational parameters of a batch, each ``(batch, ...)``."""
+        return self.params_from_features(self.features(x))
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:  # pragma: no cover
+        """The distribution with batch shape ``(batch,)`` that ``params`` describe."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
+        return self.distribution_from_params(self.local_params(x, idx))
+
+
+def _diagonal_normal(params: Params, min_scale: float) -> dist.Distribution:
+    scale = F.softplus(params["raw_scale"]) + min_scale
+    return dist.Normal(params["loc"], scale).to_event(1)
 
 
 class DiagonalNormal(Family):
@@ -52,6 +131,9 @@ class DiagonalNormal(Family):
 
     The encoder maps ``x`` to features ``h`` of shape ``(batch, feature_dim)``; two linear heads
     give :math:`\mu(h)` and :math:`\sigma(h) = \mathrm{softplus}(\cdot) + \sigma_{\min}`.
+
+    Local parameters: ``{"loc": (batch, latent_dim), "raw_scale": (batch, latent_dim)}`` with
+    :math:`\sigma = \mathrm{softplus}(\text{raw\_scale}) + \sigma_{\min}`.
 
     :param encoder: module mapping ``(batch, num_features) -> (batch, feature_dim)``.
     :param latent_dim: the size of ``z``.
@@ -81,8 +163,372 @@ class DiagonalNormal(Family):
         self.loc_head = nn.Linear(self.feature_dim, self.latent_dim)
         self.scale_head = nn.Linear(self.feature_dim, self.latent_dim)
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        h = self.encoder(x)
-        loc = self.loc_head(h)
-        scale = F.softplus(self.scale_head(h)) + self.min_scale
-        return dist.Normal(loc, scale).to_event(1)
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def params_from_features(self, h: torch.Tensor) -> Params:
+        return {"loc": self.loc_head(h), "raw_scale": self.scale_head(h)}
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        return _diagonal_normal(params, self.min_scale)
+
+
+class FullRankNormal(Family):
+    r"""Amortized full-covariance Gaussian :math:`q(z \mid x) = \mathcal N(\mu(x), L(x) L(x)^\top)`.
+
+    Linear heads on the encoder's features give :math:`\mu` and the ``latent_dim * (latent_dim +
+    1) / 2`` entries of the lower-triangular Cholesky factor :math:`L`; its diagonal goes through
+    :math:`\mathrm{softplus}(\cdot) + \sigma_{\min}` so that it is positive.
+
+    Local parameters: ``{"loc": (batch, latent_dim), "raw_scale_tril": (batch, latent_dim *
+    (latent_dim + 1) // 2)}``, the raw lower triangle in ``torch.tril_indices`` order.
+
+    :param encoder: module mapping ``(batch, num_features) -> (batch, feature_dim)``.
+    :param latent_dim: the size of ``z``.
+    :param feature_dim: the encoder's output size (read from ``encoder.out_features`` if omitted).
+    :param min_scale: a floor on the diagonal of :math:`L`.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        latent_dim: int,
+        *,
+        feature_dim: int | None = None,
+        min_scale: float = 1e-5,
+    ) -> None:
+        super().__init__(latent_dim)
+        self.encoder = encoder
+        self.feature_dim = _feature_dim(encoder, feature_dim)
+        self.min_scale = check_positive_float(min_scale, "min_scale")
+        n = self.latent_dim
+        self.register_buffer("tril_indices", torch.tril_indices(n, n), persistent=False)
+        self.loc_head = nn.Linear(self.feature_dim, n)
+        self.scale_head = nn.Linear(self.feature_dim, n * (n + 1) // 2)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def params_from_features(self, h: torch.Tensor) -> Params:
+        return {"loc": self.loc_head(h), "raw_scale_tril": self.scale_head(h)}
+
+    def scale_tril(self, raw_scale_tril: torch.Tensor) -> torch.Tensor:
+        r"""``(..., n(n+1)/2) -> (..., n, n)``: the Cholesky factor :math:`L` from raw entries."""
+        n = self.latent_dim
+        rows, cols = self.tril_indices
+        flat = raw_scale_tril.new_zeros(raw_scale_tril.shape[:-1] + (n * n,))
+        raw = flat.index_add(-1, rows * n + cols, raw_scale_tril).unflatten(-1, (n, n))
+        diag = F.softplus(torch.diagonal(raw, dim1=-2, dim2=-1)) + self.min_scale
+        return raw.tril(-1) + torch.diag_embed(diag)
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        return dist.MultivariateNormal(
+            params["loc"], scale_tril=self.scale_tril(params["raw_scale_tril"])
+        )
+
+
+class _FlowDistribution(dist.TransformedDistribution):
+    """A transformed distribution whose ``log_prob`` broadcasts its value against the batch shape
+    first (conditional transforms cannot broadcast a value of a smaller batch shape against their
+    context, which a mixture such as the VampPrior needs)."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        n = len(self.event_shape)
+        batch = value.shape[: value.dim() - n]
+        shape = torch.broadcast_shapes(batch, self.batch_shape)
+        if batch != shape:
+            value = value.expand(shape + self.event_shape)
+        return super().log_prob(value)
+
+
+class Flow(Family):
+    r"""A base family pushed through normalizing-flow transforms conditioned on the encoder's features.
+
+    .. math::
+
+        z_0 \sim q_0(z \mid x), \qquad z = f_K \circ \dots \circ f_1(z_0; h(x)), \qquad
+        \log q(z \mid x) = \log q_0(z_0 \mid x) - \sum_k \log\left|\det \frac{\partial f_k}
+        {\partial z_{k-1}}\right|,
+
+    where :math:`h(x)` are the base family's features (its encoder runs once). The transforms map
+    in the sampling direction; conditional ones (``pyro.distributions.transforms.conditional_*``)
+    are conditioned on :math:`h`, plain ones are used as they are. Planar and radial flows have
+    no inverse, so their ``log_prob`` works only on their own samples (as in the ELBO).
+
+    Local parameters: the base family's, plus ``"context"``: :math:`h` of shape ``(batch,
+    feature_dim)``. For gap analysis :math:`h` is thus a per-datapoint free parameter, while the
+    flow's own networks (shared by all datapoints) stay as trained.
+
+    :param base: an amortized family with ``features`` / ``params_from_features`` (e.g.
+        :class:`DiagonalNormal`).
+    :param transforms: transform modules, e.g. from :func:`iaf`, :func:`planar`.
+
+    Example::
+
+        >>> from pyrovae.nets import MLP
+        >>> base = DiagonalNormal(MLP(784, (), 64, activate_output=True), latent_dim=8)
+        >>> q = Flow(base, iaf(8, context_dim=64, num_transforms=2))
+        >>> q(torch.zeros(5, 784)).rsample().shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(self, base: nn.Module, transforms: Sequence[nn.Module]) -> None:
+        if not isinstance(base, Family) or not base.amortized:
+            raise ConfigError(
+                f"the base of a Flow must be an amortized pyrovae family such as DiagonalNormal, "
+                f"got {type(base).__name__}"
+            )
+        super().__init__(base.latent_dim)
+        transforms = list(transforms)
+        if not transforms:
+            raise ConfigError("a Flow needs at least one transform, e.g. iaf(latent_dim, ...)")
+        for t in transforms:
+            if not isinstance(t, nn.Module):
+                raise ConfigError(
+                    f"Flow transforms must be modules (Pyro's TransformModule or "
+                    f"ConditionalTransformModule), got {type(t).__name__}"
+                )
+        self.base = base
+        self.transforms = nn.ModuleList(transforms)
+        self.feature_dim = getattr(base, "feature_dim", None)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base.features(x)
+
+    def params_from_features(self, h: torch.Tensor) -> Params:
+        return {**self.base.params_from_features(h), "context": h}
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        context = params["context"]
+        base = self.base.distribution_from_params(
+            {k: v for k, v in params.items() if k != "context"}
+        )
+        transforms = [
+            t.condition(context) if isinstance(t, ConditionalTransform) else t
+            for t in self.transforms
+        ]
+        return _FlowDistribution(base, transforms)
+
+
+# ---------------------------------------------------------------------- flow factories
+def _check_flow_sizes(latent_dim: int, context_dim: int, num_transforms: int) -> None:
+    check_positive_int(latent_dim, "latent_dim")
+    check_positive_int(context_dim, "context_dim")
+    check_positive_int(num_transforms, "num_transforms")
+
+
+def _hidden(hidden_dims: Sequence[int] | None, latent_dim: int) -> list[int]:
+    return list(hidden_dims) if hidden_dims is not None else [max(2 * latent_dim, 8)]
+
+
+def iaf(
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+) -> list[nn.Module]:
+    r"""Inverse autoregressive flow steps (Kingma et al. 2016), conditioned on a context.
+
+    Each step is :math:`z' = \mu(z, h) + \sigma(z, h) \odot z` with an autoregressive network
+    (``ConditionalAffineAutoregressive``); steps alternate the variable order (identity, reversed) so that every coordinate can depend on
+    every other. Requires ``latent_dim >= 2``.
+    """
+    _check_flow_sizes(latent_dim, context_dim, num_transforms)
+    if latent_dim < 2:
+        raise ConfigError("an autoregressive flow needs latent_dim >= 2; use planar or radial")
+    steps: list[nn.Module] = []
+    for k in range(num_transforms):
+        order = torch.arange(latent_dim)
+        if k % 2:
+            order = order.flip(0)
+        arn = ConditionalAutoRegressiveNN(
+            latent_dim, context_dim, _hidden(hidden_dims, latent_dim), permutation=order
+        )
+        steps.append(T.ConditionalAffineAutoregressive(arn))
+    return steps
+
+
+def planar(
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+) -> list[nn.Module]:
+    r"""Planar flow steps :math:`z' = z + u\,\tanh(w^\top z + b)` (Rezende & Mohamed 2015), whose
+    :math:`u, w, b` are computed from the context. No inverse (log_prob of own samples only)."""
+    _check_flow_sizes(latent_dim, context_dim, num_transforms)
+    return [
+        T.conditional_planar(latent_dim, context_dim, _hidden(hidden_dims, latent_dim))
+        for _ in range(num_transforms)
+    ]
+
+
+def radial(
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+) -> list[nn.Module]:
+    r"""Radial flow steps :math:`z' = z + \beta h(\alpha, r)(z - z_0)` (Rezende & Mohamed 2015),
+    parameters from the context. No inverse (log_prob of own samples only)."""
+    _check_flow_sizes(latent_dim, context_dim, num_transforms)
+    return [
+        T.conditional_radial(latent_dim, context_dim, _hidden(hidden_dims, latent_dim))
+        for _ in range(num_transforms)
+    ]
+
+
+def spline_autoregressive(
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+    count_bins: int = 8,
+    bound: float = 3.0,
+) -> list[nn.Module]:
+    r"""Autoregressive rational-quadratic spline steps (Durkan et al. 2019) on ``[-bound, bound]``
+    (identity outside), conditioned on the context. Requires ``latent_dim >= 2``."""
+    _check_flow_sizes(latent_dim, context_dim, num_transforms)
+    if latent_dim < 2:
+        raise ConfigError("an autoregressive flow needs latent_dim >= 2; use planar or radial")
+    check_positive_int(count_bins, "count_bins")
+    check_positive_float(bound, "bound")
+    return [
+        T.conditional_spline_autoregressive(
+            latent_dim, context_dim, _hidden(hidden_dims, latent_dim), count_bins, bound
+        )
+        for _ in range(num_transforms)
+    ]
+
+
+def householder(
+    latent_dim: int,
+    context_dim: int,
+    num_transforms: int = 1,
+    hidden_dims: Sequence[int] | None = None,
+) -> list[nn.Module]:
+    r"""Householder reflections :math:`z' = (I - 2 v v^\top / \|v\|^2) z` (Tomczak & Welling
+    2016), :math:`v` from the context; volume preserving, so they rotate a diagonal base into a
+    correlated one. ``num_transforms`` reflections in one module."""
+    _check_flow_sizes(latent_dim, context_dim, num_transforms)
+    if latent_dim < 2:
+        raise ConfigError("a Householder flow needs latent_dim >= 2")
+    return [
+        T.conditional_householder(
+            latent_dim, context_dim, _hidden(hidden_dims, latent_dim), num_transforms
+        )
+    ]
+
+
+#: name -> factory ``(latent_dim, context_dim, num_transforms, hidden_dims)`` of flow steps.
+FLOW_TRANSFORMS: dict[str, Callable[..., list[nn.Module]]] = {
+    "iaf": iaf,
+    "planar": planar,
+    "radial": radial,
+    "spline": spline_autoregressive,
+    "householder": householder,
+}
+
+
+# ---------------------------------------------------------------------- non-amortized families
+def _check_idx(idx: torch.Tensor | None, num_data: int, what: str) -> torch.Tensor:
+    if idx is None:
+        raise DataError(
+            f"{what} keeps parameters per datapoint and needs the batch's indices idx; "
+            "call it as family(x, idx)"
+        )
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_data):
+        raise DataError(
+            f"{what} was built for {num_data} datapoints but got index {int(idx.max())}; "
+            f"build it with num_data >= {int(idx.max()) + 1}"
+        )
+    return idx
+
+
+class LocalNormal(Family):
+    r"""Non-amortized diagonal Gaussian: free parameters :math:`\mu_n, \sigma_n` for every datapoint.
+
+    :math:`q(z_n) = \mathcal N(\mu_n, \mathrm{diag}\,\sigma_n^2)`, looked up by the batch's
+    indices ``idx`` (``x`` is ignored). For encoder-free SVI and for the optimal
+    per-datapoint posterior :math:`q^*` of gap analysis. The means start at 0, the scales at
+    ``init_scale``.
+
+    Local parameters: ``{"loc", "raw_scale"}`` rows ``idx`` of the tables, as
+    :class:`DiagonalNormal`.
+
+    :param num_data: the number of datapoints (the size of the tables).
+    :param latent_dim: the size of ``z``.
+    :param init_scale: the initial :math:`\sigma`.
+    :param min_scale: a floor on :math:`\sigma`.
+    """
+
+    amortized = False
+
+    def __init__(
+        self, num_data: int, latent_dim: int, *, init_scale: float = 1.0, min_scale: float = 1e-5
+    ) -> None:
+        super().__init__(latent_dim)
+        self.num_data = check_positive_int(num_data, "num_data")
+        self.min_scale = check_positive_float(min_scale, "min_scale")
+        init_scale = check_positive_float(init_scale, "init_scale")
+        if init_scale <= self.min_scale:
+            raise ConfigError(f"init_scale must exceed min_scale={self.min_scale}")
+        self.loc = nn.Parameter(torch.zeros(self.num_data, self.latent_dim))
+        raw = _inverse_softplus(init_scale - self.min_scale)
+        self.raw_scale = nn.Parameter(torch.full((self.num_data, self.latent_dim), raw))
+
+    def local_params(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> Params:
+        idx = _check_idx(idx, self.num_data, "LocalNormal")
+        return {"loc": self.loc[idx], "raw_scale": self.raw_scale[idx]}
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        return _diagonal_normal(params, self.min_scale)
+
+
+class Local(Family):
+    r"""Any family made non-amortized: its local parameters stored for every datapoint.
+
+    ``Local(family, params)`` holds ``params[k]`` of shape ``(num_data, ...)`` as learnable tables;
+    ``local(x, idx)`` returns ``family.distribution_from_params({k: params[k][idx]})`` and never
+    runs the encoder. :meth:`from_family` starts the tables at the amortized family's output for a
+    data set (the starting point of Cremer et al.'s per-datapoint optimization). The wrapped
+    family stays a submodule (its heads, and a flow's networks, are used by
+    ``distribution_from_params``); freeze it with ``local.family.requires_grad_(False)`` to
+    optimize only the per-datapoint tables.
+
+    :param family: a family with ``local_params`` / ``distribution_from_params``.
+    :param params: name -> tensor of shape ``(num_data, ...)``, e.g. ``family.local_params(x)``.
+    """
+
+    amortized = False
+
+    def __init__(self, family: nn.Module, params: dict[str, torch.Tensor]) -> None:
+        if not hasattr(family, "distribution_from_params"):
+            raise ConfigError(
+                f"{type(family).__name__} has no distribution_from_params; wrap a pyrovae family"
+            )
+        super().__init__(family.latent_dim)
+        sizes = {int(v.shape[0]) for v in params.values()}
+        if len(sizes) != 1:
+            raise ConfigError("all local parameter tables must have the same first size num_data")
+        self.family = family
+        self.num_data = sizes.pop()
+        self.params = nn.ParameterDict(
+            {k: nn.Parameter(v.detach().clone()) for k, v in params.items()}
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_family(cls, family: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> Local:
+        """Start the tables at ``family.local_params`` of every row of ``x`` ``(num_data, D)``."""
+        check_positive_int(batch_size, "batch_size")
+        chunks = [family.local_params(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        params = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+        return cls(family, params)
+
+    def local_params(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> Params:
+        idx = _check_idx(idx, self.num_data, "Local")
+        return {k: v[idx] for k, v in self.params.items()}
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        return self.family.distribution_from_params(params)

@@ -60,6 +60,9 @@ class VAE(PyroModule):
         self.prior = prior
         self.family = family
         self.likelihood = likelihood
+        # A prior that depends on the family (e.g. the VampPrior) gets it through this hook.
+        if callable(getattr(prior, "attach", None)):
+            prior.attach(family)
         self.num_data = check_positive_int(num_data, "num_data")
         latent_dims = {
             n: getattr(p, "latent_dim", None) for n, p in (("prior", prior), ("family", family))
