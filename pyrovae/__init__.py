@@ -16,6 +16,7 @@ from .errors import (
     PyrovaeError,
     TrainingError,
 )
+from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .families import DiagonalNormal, Family
 from .importance import LogLikelihood, elbo, log_likelihood, log_weights
 from .likelihoods import Bernoulli, Gaussian, Likelihood
@@ -30,6 +31,9 @@ __all__ = [
     "VAE",
     "fit",
     "History",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
     "log_likelihood",
     "elbo",
     "log_weights",
