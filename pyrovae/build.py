@@ -93,4 +93,6 @@ def build_vae(config: VAEConfig, num_data: int) -> VAE:
     family = _lookup(FAMILIES, config.family, "family")(config)
     prior = _lookup(PRIORS, config.prior, "prior")(config, getattr(family, "feature_dim", None))
     likelihood = _lookup(LIKELIHOODS, config.likelihood, "likelihood")(config)
-    return VAE(prior, family, likelihood, num_data=num_data)
+    vae = VAE(prior, family, likelihood, num_data=num_data)
+    vae.config = config  # fit(checkpoint_dir=...) saves it; pyrovae.load_model rebuilds from it
+    return vae
