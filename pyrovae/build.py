@@ -2,6 +2,19 @@
 
 Each registry maps a name to a factory; adding a part is adding one entry. In code, build the parts
 directly: this module only turns names and sizes into the same objects.
+
+========================  =====================================================================
+registry                  names
+========================  =====================================================================
+:data:`PRIORS`            ``standard``, ``learned``, ``mixture``, ``vamp``, ``flow``
+:data:`FAMILIES`          ``diagonal``, ``full_rank``, ``iaf``, ``planar``, ``radial``,
+                          ``spline``, ``householder``, ``local``
+:data:`LIKELIHOODS`       ``bernoulli``, ``gaussian``, ``laplace``, ``continuous_bernoulli``,
+                          ``categorical256``
+:data:`NETWORKS`          ``mlp``, ``conv`` (needs ``image_shape``)
+========================  =====================================================================
+
+The options (``VAEConfig.options``) are listed in :data:`OPTIONS`.
 """
 
 from __future__ import annotations
@@ -12,27 +25,56 @@ from typing import Any
 
 from torch import nn
 
+from ._checks import check_positive_int
 from .errors import ConfigError
-from .families import DiagonalNormal
-from .likelihoods import Bernoulli, Gaussian
-from .nets import MLP
-from .priors import StandardNormal
+from .families import FLOW_TRANSFORMS, DiagonalNormal, Flow, FullRankNormal, LocalNormal
+from .likelihoods import Bernoulli, Categorical256, ContinuousBernoulli, Gaussian, Laplace
+from .nets import MLP, ConvDecoder, ConvEncoder
+from .priors import LearnedNormal, MixtureOfGaussians, StandardNormal, VampPrior, flow_prior
 from .vae import VAE
 
-__all__ = ["VAEConfig", "build_vae", "PRIORS", "FAMILIES", "LIKELIHOODS"]
+__all__ = [
+    "VAEConfig",
+    "build_vae",
+    "PRIORS",
+    "FAMILIES",
+    "LIKELIHOODS",
+    "NETWORKS",
+    "OPTIONS",
+]
+
+#: option name -> (default, meaning). Unknown option names raise :class:`ConfigError`.
+OPTIONS: dict[str, tuple[Any, str]] = {
+    "scale": ("learned", "gaussian/laplace scale: a number, 'learned' or 'predicted'"),
+    "num_transforms": (2, "flow steps of a flow family or of the flow prior"),
+    "flow_hidden_dims": (None, "hidden sizes of the flow networks (default [2 * latent_dim])"),
+    "flow_base": ("diagonal", "base family of a flow family: 'diagonal' or 'full_rank'"),
+    "count_bins": (8, "bins of the spline flow"),
+    "num_components": (10, "components of the mixture prior"),
+    "num_pseudo_inputs": (500, "pseudo-inputs of the VampPrior"),
+    "flow_prior_kind": ("affine_autoregressive", "'affine_autoregressive' or 'spline_autoregressive'"),
+    "conv_channels": ([32, 64], "conv network channels (encoder order; the decoder reverses them)"),
+}
 
 
 @dataclass
 class VAEConfig:
     """Everything :func:`build_vae` needs; stored beside checkpoints to rebuild the model.
 
+    All fields are JSON-serializable.
+
     :ivar num_features: the data size ``D`` (flat).
     :ivar latent_dim: the size of ``z``.
-    :ivar hidden_dims: the MLP hidden layers of encoder and decoder.
-    :ivar activation: the MLP activation name.
+    :ivar hidden_dims: the MLP hidden layers of encoder and decoder (the encoder's features are
+        the last one); for ``network="conv"`` only the last one is used: the size of the conv
+        encoder's features.
+    :ivar activation: the activation name.
     :ivar prior, family, likelihood: part names (keys of :data:`PRIORS`, :data:`FAMILIES`,
         :data:`LIKELIHOODS`).
-    :ivar options: extra keyword options of the parts, e.g. ``{"scale": 0.1}`` for a Gaussian.
+    :ivar image_shape: ``(H, W)`` or ``(C, H, W)`` of the images (needed by ``network="conv"``).
+    :ivar options: extra part options (see :data:`OPTIONS`), e.g. ``{"scale": 0.1}`` for a
+        Gaussian or ``{"num_transforms": 4}`` for a flow.
+    :ivar network: ``"mlp"`` or ``"conv"`` (:data:`NETWORKS`) for both encoder and decoder.
     """
 
     num_features: int
@@ -44,42 +86,180 @@ class VAEConfig:
     likelihood: str = "bernoulli"
     image_shape: Sequence[int] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    network: str = "mlp"
 
 
-def _standard(cfg: VAEConfig, encoder_features: int) -> nn.Module:
+def _option(cfg: VAEConfig, name: str) -> Any:
+    return cfg.options.get(name, OPTIONS[name][0])
+
+
+# ---------------------------------------------------------------------- networks
+def _feature_dim(cfg: VAEConfig) -> int:
+    h = tuple(cfg.hidden_dims)
+    if cfg.network == "conv":
+        return h[-1] if h else 256
+    return h[-1] if h else cfg.num_features
+
+
+def _mlp_encoder(cfg: VAEConfig) -> nn.Module:
+    h = tuple(cfg.hidden_dims)
+    if not h:
+        return nn.Identity()
+    return MLP(cfg.num_features, h[:-1], h[-1], cfg.activation, activate_output=True)
+
+
+def _mlp_decoder(cfg: VAEConfig, values_per_feature: int) -> nn.Module:
+    return MLP(cfg.latent_dim, tuple(cfg.hidden_dims), values_per_feature * cfg.num_features, cfg.activation)
+
+
+def _image_shape(cfg: VAEConfig) -> tuple[int, ...]:
+    if cfg.image_shape is None:
+        raise ConfigError("network='conv' needs image_shape, e.g. (28, 28); or use network='mlp'")
+    shape = tuple(int(s) for s in cfg.image_shape)
+    size = 1
+    for s in shape:
+        size *= s
+    if size != cfg.num_features:
+        raise ConfigError(
+            f"image_shape {shape} has {size} pixels but num_features is {cfg.num_features}"
+        )
+    return shape
+
+
+def _conv_encoder(cfg: VAEConfig) -> nn.Module:
+    channels = tuple(_option(cfg, "conv_channels"))
+    return ConvEncoder(_image_shape(cfg), _feature_dim(cfg), channels, cfg.activation)
+
+
+def _conv_decoder(cfg: VAEConfig, values_per_feature: int) -> nn.Module:
+    channels = tuple(reversed(tuple(_option(cfg, "conv_channels"))))
+    return ConvDecoder(cfg.latent_dim, _image_shape(cfg), values_per_feature, channels, cfg.activation)
+
+
+#: name -> (encoder factory(config), decoder factory(config, values_per_feature)).
+NETWORKS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
+    "mlp": (_mlp_encoder, _mlp_decoder),
+    "conv": (_conv_encoder, _conv_decoder),
+}
+
+
+def _encoder(cfg: VAEConfig) -> nn.Module:
+    return _lookup(NETWORKS, cfg.network, "network")[0](cfg)
+
+
+def _decoder(cfg: VAEConfig, values_per_feature: int = 1) -> nn.Module:
+    return _lookup(NETWORKS, cfg.network, "network")[1](cfg, values_per_feature)
+
+
+# ---------------------------------------------------------------------- priors
+def _standard(cfg: VAEConfig) -> nn.Module:
     return StandardNormal(cfg.latent_dim)
 
 
-def _diagonal(cfg: VAEConfig) -> nn.Module:
-    h = tuple(cfg.hidden_dims)
-    encoder = (
-        MLP(cfg.num_features, h[:-1], h[-1], cfg.activation, activate_output=True)
-        if h
-        else nn.Identity()
+def _learned(cfg: VAEConfig) -> nn.Module:
+    return LearnedNormal(cfg.latent_dim)
+
+
+def _mixture(cfg: VAEConfig) -> nn.Module:
+    return MixtureOfGaussians(cfg.latent_dim, _option(cfg, "num_components"))
+
+
+def _vamp(cfg: VAEConfig) -> nn.Module:
+    # The VAE attaches its family; the pseudo-inputs live in [0, 1] for the image likelihoods.
+    bounded = cfg.likelihood in ("bernoulli", "continuous_bernoulli", "categorical256")
+    return VampPrior(
+        _option(cfg, "num_pseudo_inputs"), cfg.num_features, bounds=(0.0, 1.0) if bounded else None
     )
-    feature_dim = h[-1] if h else cfg.num_features
-    return DiagonalNormal(encoder, cfg.latent_dim, feature_dim=feature_dim)
 
 
-def _decoder(cfg: VAEConfig, out_dim: int) -> nn.Module:
-    return MLP(cfg.latent_dim, tuple(cfg.hidden_dims), out_dim, cfg.activation)
+def _flow_prior(cfg: VAEConfig) -> nn.Module:
+    return flow_prior(
+        cfg.latent_dim,
+        _option(cfg, "num_transforms"),
+        _option(cfg, "flow_prior_kind"),
+        _option(cfg, "flow_hidden_dims"),
+    )
 
 
+# ---------------------------------------------------------------------- families
+def _diagonal(cfg: VAEConfig, num_data: int) -> nn.Module:
+    return DiagonalNormal(_encoder(cfg), cfg.latent_dim, feature_dim=_feature_dim(cfg))
+
+
+def _full_rank(cfg: VAEConfig, num_data: int) -> nn.Module:
+    return FullRankNormal(_encoder(cfg), cfg.latent_dim, feature_dim=_feature_dim(cfg))
+
+
+def _local(cfg: VAEConfig, num_data: int) -> nn.Module:
+    return LocalNormal(num_data, cfg.latent_dim)
+
+
+def _flow(kind: str) -> Callable[[VAEConfig, int], nn.Module]:
+    def make(cfg: VAEConfig, num_data: int) -> nn.Module:
+        base_name = _option(cfg, "flow_base")
+        if base_name not in ("diagonal", "full_rank"):
+            raise ConfigError(f"flow_base must be 'diagonal' or 'full_rank', got {base_name!r}")
+        base = (_diagonal if base_name == "diagonal" else _full_rank)(cfg, num_data)
+        extra = {"count_bins": _option(cfg, "count_bins")} if kind == "spline" else {}
+        transforms = FLOW_TRANSFORMS[kind](
+            cfg.latent_dim,
+            base.feature_dim,
+            _option(cfg, "num_transforms"),
+            _option(cfg, "flow_hidden_dims"),
+            **extra,
+        )
+        return Flow(base, transforms)
+
+    make.__name__ = f"_{kind}"
+    return make
+
+
+# ---------------------------------------------------------------------- likelihoods
 def _bernoulli(cfg: VAEConfig) -> nn.Module:
-    return Bernoulli(_decoder(cfg, cfg.num_features))
+    return Bernoulli(_decoder(cfg))
 
 
-def _gaussian(cfg: VAEConfig) -> nn.Module:
-    scale = cfg.options.get("scale", "learned")
-    return Gaussian(_decoder(cfg, cfg.num_features), scale, num_features=cfg.num_features)
+def _continuous_bernoulli(cfg: VAEConfig) -> nn.Module:
+    return ContinuousBernoulli(_decoder(cfg))
 
 
-#: name -> factory(config, encoder_feature_dim) for the prior.
-PRIORS: dict[str, Callable[..., nn.Module]] = {"standard": _standard}
-#: name -> factory(config) for the variational family (with its encoder).
-FAMILIES: dict[str, Callable[..., nn.Module]] = {"diagonal": _diagonal}
+def _loc_scale(kind: type) -> Callable[[VAEConfig], nn.Module]:
+    def make(cfg: VAEConfig) -> nn.Module:
+        scale = _option(cfg, "scale")
+        decoder = _decoder(cfg, 2 if scale == "predicted" else 1)
+        return kind(decoder, scale, num_features=cfg.num_features)
+
+    make.__name__ = f"_{kind.__name__.lower()}"
+    return make
+
+
+def _categorical256(cfg: VAEConfig) -> nn.Module:
+    return Categorical256(_decoder(cfg, 256), num_levels=256)
+
+
+#: name -> factory(config) for the prior (a VampPrior gets the family from the VAE).
+PRIORS: dict[str, Callable[..., nn.Module]] = {
+    "standard": _standard,
+    "learned": _learned,
+    "mixture": _mixture,
+    "vamp": _vamp,
+    "flow": _flow_prior,
+}
+#: name -> factory(config, num_data) for the variational family (with its encoder).
+FAMILIES: dict[str, Callable[..., nn.Module]] = {
+    "diagonal": _diagonal,
+    "full_rank": _full_rank,
+    **{kind: _flow(kind) for kind in FLOW_TRANSFORMS},
+    "local": _local,
+}
 #: name -> factory(config) for the likelihood (with its decoder).
-LIKELIHOODS: dict[str, Callable[..., nn.Module]] = {"bernoulli": _bernoulli, "gaussian": _gaussian}
+LIKELIHOODS: dict[str, Callable[..., nn.Module]] = {
+    "bernoulli": _bernoulli,
+    "gaussian": _loc_scale(Gaussian),
+    "laplace": _loc_scale(Laplace),
+    "continuous_bernoulli": _continuous_bernoulli,
+    "categorical256": _categorical256,
+}
 
 
 def _lookup(registry: dict[str, Any], name: str, kind: str) -> Any:
@@ -88,10 +268,33 @@ def _lookup(registry: dict[str, Any], name: str, kind: str) -> Any:
     return registry[name]
 
 
+def _check_config(config: VAEConfig) -> None:
+    if not isinstance(config, VAEConfig):
+        raise ConfigError(f"config must be a pyrovae.build.VAEConfig, got {type(config).__name__}")
+    check_positive_int(config.num_features, "num_features")
+    check_positive_int(config.latent_dim, "latent_dim")
+    if not isinstance(config.options, dict):
+        raise ConfigError(f"options must be a dict, got {type(config.options).__name__}")
+    unknown = sorted(set(config.options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown}; known options are {sorted(OPTIONS)}")
+    _lookup(NETWORKS, config.network, "network")
+
+
 def build_vae(config: VAEConfig, num_data: int) -> VAE:
-    """Build the VAE a :class:`VAEConfig` describes, for a training set of ``num_data`` points."""
-    family = _lookup(FAMILIES, config.family, "family")(config)
-    prior = _lookup(PRIORS, config.prior, "prior")(config, getattr(family, "feature_dim", None))
+    """Build the VAE a :class:`VAEConfig` describes, for a training set of ``num_data`` points.
+
+    Example::
+
+        >>> cfg = VAEConfig(784, latent_dim=8, hidden_dims=(64,), prior="vamp", family="iaf",
+        ...                 options={"num_pseudo_inputs": 10, "num_transforms": 2})
+        >>> build_vae(cfg, num_data=100).sample(3).shape
+        torch.Size([3, 784])
+    """
+    _check_config(config)
+    num_data = check_positive_int(num_data, "num_data")
+    family = _lookup(FAMILIES, config.family, "family")(config, num_data)
+    prior = _lookup(PRIORS, config.prior, "prior")(config)
     likelihood = _lookup(LIKELIHOODS, config.likelihood, "likelihood")(config)
     vae = VAE(prior, family, likelihood, num_data=num_data)
     vae.config = config  # fit(checkpoint_dir=...) saves it; pyrovae.load_model rebuilds from it

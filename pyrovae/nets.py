@@ -8,6 +8,7 @@ behaviour can be used; :class:`MLP` is the one pyrovae ships.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["MLP", "ACTIVATIONS"]
+__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "ACTIVATIONS"]
 
 #: Activation names accepted by :class:`MLP`.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -84,3 +85,137 @@ class MLP(nn.Sequential):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
         return super().forward(input)
+
+
+def _make_activation(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    if isinstance(activation, str):
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
+        return ACTIVATIONS[activation]
+    return activation
+
+
+def _image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in shape):
+        raise ConfigError(
+            f"image_shape must be (height, width) or (channels, height, width) of positive "
+            f"integers, got {image_shape!r}"
+        )
+    return shape  # type: ignore[return-value]
+
+
+def _check_channels(channels: Sequence[int]) -> tuple[int, ...]:
+    channels = tuple(channels)
+    if not channels or any(not isinstance(c, int) or isinstance(c, bool) or c < 1 for c in channels):
+        raise ConfigError(f"channels must be a non-empty list of positive integers, got {channels!r}")
+    return channels
+
+
+class ConvEncoder(nn.Module):
+    """A convolutional encoder for flat images: ``(batch, C*H*W) -> (batch, out_features)``.
+
+    The flat input is reshaped to ``(batch, C, H, W)``; each of ``channels`` is a 4x4 convolution
+    with stride 2 (halving height and width, rounding down), then a linear layer maps the
+    flattened result to ``out_features``, followed by the activation (the features feed a
+    family's linear heads). Any ``H, W >= 4`` works, e.g. 28x28 (MNIST) or 28x20 (Frey faces).
+
+    :param image_shape: ``(H, W)`` or ``(C, H, W)``.
+    :param out_features: the feature size.
+    :param channels: output channels of the convolutions, e.g. ``(32, 64)``.
+    :param activation: a name from :data:`ACTIVATIONS` or a callable returning a module.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        out_features: int,
+        channels: Sequence[int] = (32, 64),
+        activation: str | Callable[[], nn.Module] = "relu",
+    ) -> None:
+        super().__init__()
+        self.image_shape = _image_shape(image_shape)
+        channels = _check_channels(channels)
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ConfigError(f"out_features must be a positive integer, got {out_features!r}")
+        act = _make_activation(activation)
+        c, h, w = self.image_shape
+        layers: list[nn.Module] = []
+        for out in channels:
+            if h < 2 or w < 2:
+                raise ConfigError(
+                    f"image {self.image_shape[1:]} is too small for {len(channels)} stride-2 "
+                    "convolutions; use fewer channels"
+                )
+            layers += [nn.Conv2d(c, out, 4, stride=2, padding=1), act()]
+            c, h, w = out, h // 2, w // 2
+        self.conv = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(c * h * w, out_features), act())
+        self.in_features = math.prod(self.image_shape)
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        h = self.conv(x.reshape(-1, *self.image_shape))
+        return self.head(h.flatten(1)).reshape(*lead, self.out_features)
+
+
+class ConvDecoder(nn.Module):
+    """A transposed-convolutional decoder: ``(..., latent_dim) -> (..., out_channels * H * W)``.
+
+    A linear layer maps ``z`` to a ``(channels[0], ceil(H/2^n), ceil(W/2^n))`` map; ``n`` 4x4
+    transposed convolutions with stride 2 double it (the last has ``out_channels`` outputs and
+    no activation), and the result is cropped to ``H x W`` and flattened channel-major. Any
+    leading batch shape works (the particle dimension included).
+
+    ``out_channels`` is how many values per pixel the likelihood needs: 1 for Bernoulli or a
+    Gaussian mean, 2 for a Gaussian with predicted scale (mean then raw scale), 256 for
+    :class:`~pyrovae.likelihoods.Categorical256`; set it from ``out_dim = out_channels * H * W``.
+
+    :param latent_dim: the size of ``z``.
+    :param image_shape: ``(H, W)`` or ``(C, H, W)`` of the data (``C`` multiplies the outputs).
+    :param out_channels: values per pixel and image channel.
+    :param channels: channels of the feature maps from coarse to fine, e.g. ``(64, 32)``.
+    :param activation: a name from :data:`ACTIVATIONS` or a callable returning a module.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape: Sequence[int],
+        out_channels: int = 1,
+        channels: Sequence[int] = (64, 32),
+        activation: str | Callable[[], nn.Module] = "relu",
+    ) -> None:
+        super().__init__()
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ConfigError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        if not isinstance(out_channels, int) or out_channels < 1:
+            raise ConfigError(f"out_channels must be a positive integer, got {out_channels!r}")
+        self.image_shape = _image_shape(image_shape)
+        channels = _check_channels(channels)
+        act = _make_activation(activation)
+        c, h, w = self.image_shape
+        n = len(channels)
+        self._start = (channels[0], -(-h // 2**n), -(-w // 2**n))
+        self.head = nn.Sequential(nn.Linear(latent_dim, math.prod(self._start)), act())
+        layers: list[nn.Module] = []
+        for i, cin in enumerate(channels):
+            last = i == n - 1
+            cout = c * out_channels if last else channels[i + 1]
+            layers.append(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1))
+            if not last:
+                layers.append(act())
+        self.deconv = nn.Sequential(*layers)
+        self.in_features = latent_dim
+        self.out_channels = out_channels
+        self.out_features = out_channels * math.prod(self.image_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        c, h, w = self.image_shape
+        y = self.deconv(self.head(z.reshape(-1, z.shape[-1])).reshape(-1, *self._start))
+        y = y[..., :h, :w].reshape(-1, self.out_channels, c, h, w)
+        return y.reshape(*lead, self.out_features)
