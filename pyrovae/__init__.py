@@ -17,11 +17,38 @@ from .errors import (
     TrainingError,
 )
 from .checkpoint import load_checkpoint, load_model, save_checkpoint
-from .families import DiagonalNormal, Family
+from .families import (
+    DiagonalNormal,
+    Family,
+    Flow,
+    FullRankNormal,
+    Local,
+    LocalNormal,
+    householder,
+    iaf,
+    planar,
+    radial,
+    spline_autoregressive,
+)
 from .importance import LogLikelihood, elbo, log_likelihood, log_weights
-from .likelihoods import Bernoulli, Gaussian, Likelihood
-from .nets import MLP
-from .priors import Prior, StandardNormal
+from .likelihoods import (
+    Bernoulli,
+    Categorical256,
+    ContinuousBernoulli,
+    Gaussian,
+    Laplace,
+    Likelihood,
+)
+from .nets import MLP, ConvDecoder, ConvEncoder
+from .priors import (
+    FlowPrior,
+    LearnedNormal,
+    MixtureOfGaussians,
+    Prior,
+    StandardNormal,
+    VampPrior,
+    flow_prior,
+)
 from .training import History, fit
 from .vae import VAE
 
@@ -39,13 +66,32 @@ __all__ = [
     "log_weights",
     "LogLikelihood",
     "MLP",
+    "ConvEncoder",
+    "ConvDecoder",
     "Prior",
     "StandardNormal",
+    "LearnedNormal",
+    "MixtureOfGaussians",
+    "VampPrior",
+    "FlowPrior",
+    "flow_prior",
     "Family",
     "DiagonalNormal",
+    "FullRankNormal",
+    "Flow",
+    "LocalNormal",
+    "Local",
+    "iaf",
+    "planar",
+    "radial",
+    "spline_autoregressive",
+    "householder",
     "Likelihood",
     "Bernoulli",
     "Gaussian",
+    "Laplace",
+    "ContinuousBernoulli",
+    "Categorical256",
     "PyrovaeError",
     "ConfigError",
     "DataError",
