@@ -436,6 +436,7 @@ def load_model(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
             f"the saved configuration has unknown fields {unknown}; it was written by another "
             "pyrovae version: upgrade pyrovae"
         )
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # JSON lists
     try:
         config = VAEConfig(**cfg)
     except TypeError as e:

@@ -30,7 +30,7 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
-from ._batching import as_dataset, loader
+from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int
 from .errors import CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .importance import elbo as elbo_estimate
@@ -149,6 +149,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
+
+
+def _minibatches(dataset: Any, order: Any) -> Any:
+    """Yield ``(x, idx)`` for each index tensor in ``order``, one gather each."""
+    for batch in order:
+        x, idx = dataset[batch]
+        yield torch.as_tensor(x), torch.as_tensor(idx)
+
+
+def _settle_plate_nesting(loss: ELBO, vae: Any, dataset: Any, device: torch.device) -> None:
+    """Let a vectorized loss guess ``max_plate_nesting`` now, on a forked RNG. Pyro guesses it by
+    running model and guide at the first step, drawing from the global RNG; doing that inside a
+    resumed run would shift every later draw."""
+    guess = getattr(loss, "_guess_max_plate_nesting", None)
+    if (
+        guess is None
+        or not getattr(loss, "vectorize_particles", False)
+        or getattr(loss, "max_plate_nesting", 0) != math.inf
+    ):
+        return
+    x, idx = dataset[torch.arange(min(2, len(dataset)))]
+    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
+        state = (random.getstate(), np.random.get_state())
+        try:
+            guess(vae.model, vae.guide, (torch.as_tensor(x).to(device), torch.as_tensor(idx).to(device)), {})
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
 
 
 # ------------------------------------------------------------------------------ numerical faults
@@ -392,15 +421,17 @@ def fit(
             )
 
     vae.train()
+    _settle_plate_nesting(loss, vae, train_set, device)
     try:
         for epoch in range(start_epoch, num_epochs):
             first = start_batch if epoch == start_epoch else 0
             total, count, seconds = partial if first else (0.0, 0, 0.0)
-            order = _epoch_order(n, run_seed, epoch)[first * batch_size :]
-            batches = loader(train_set, batch_size, shuffle=False, sampler=order.tolist())
+            # Minibatches are gathered directly (a DataLoader iterator would draw a seed from the
+            # global RNG at each epoch's start, which a mid-epoch resume could not replay).
+            order = _epoch_order(n, run_seed, epoch).split(batch_size)[first:]
             start = time.perf_counter() - seconds
             bar = tqdm(
-                batches,
+                _minibatches(train_set, order),
                 desc=f"epoch {epoch + 1}/{num_epochs}",
                 disable=not progress,
                 leave=False,
@@ -410,7 +441,9 @@ def fit(
             )
             with pyro.validation_enabled(False):
                 for step, (x, idx) in enumerate(bar, start=first):
-                    progress_epochs = epoch + step / steps_per_epoch
+                    # Warm-up counts this step as done, so the first weight is > 0 (a zero scale
+                    # is refused by poutine.scale).
+                    progress_epochs = epoch + (step + 1) / steps_per_epoch
                     warm = min(1.0, progress_epochs / kl_warmup_epochs) if kl_warmup_epochs else 1.0
                     vae.kl_weight = beta * warm
                     x = x.to(device, non_blocking=True)
