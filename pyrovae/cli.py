@@ -182,11 +182,19 @@ def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress
           f"(10 samples per datapoint, n={len(test_elbo.values)})")
     print(f"test log-likelihood  {ll.mean:9.2f} ± {ll.stderr:.2f} nats "
           f"(importance sampling, K={ll.num_samples}, n={len(ll.values)})")
+    share = ll.unreliable_share
+    reliability: dict[str, Any] = {}
+    if share == share:  # not NaN: k-hat was computed
+        mean_ess = float(ll.ess.mean()) if ll.ess is not None else float("nan")
+        verdict = "reliable" if share < 0.05 else "NOT reliable for these datapoints"
+        print(f"PSIS k-hat > 0.7 for {100 * share:.1f}% of datapoints, mean ESS {mean_ess:.1f} "
+              f"of {ll.num_samples} ({verdict})")
+        reliability = {"khat_above_0.7_share": share, "mean_ess": mean_ess}
     return {
         "test_elbo": {"mean": test_elbo.mean, "stderr": test_elbo.stderr, "num_samples": 10,
                       "num_datapoints": len(test_elbo.values)},
         "test_log_likelihood": {"mean": ll.mean, "stderr": ll.stderr, "num_samples": ll.num_samples,
-                                "num_datapoints": len(ll.values)},
+                                "num_datapoints": len(ll.values), **reliability},
         "evaluation_seconds": seconds,
     }
 
@@ -300,9 +308,17 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int,
+                  file: Any = None, line: Any = None) -> None:
+    print(f"pyrovae: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyrovae`` console script."""
     args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.showwarning = _show_warning
     try:
         if args.command == "train":
             return _train(args)
