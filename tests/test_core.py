@@ -172,7 +172,7 @@ def test_bad_inputs_fail_before_training(default_sample):
     with pytest.raises(DataError, match="NaN"):
         fit(vae, nan, num_epochs=1, progress=False)
     with pytest.raises(DataError, match="784"):
-        fit(_tiny_vae(10), torch.zeros(10, 100), num_epochs=1, progress=False)
+        fit(_tiny_vae(10), torch.zeros(10, 100), num_epochs=1, batch_size=5, progress=False)
     with pytest.raises(ConfigError, match="num_data"):
         fit(vae, torch.zeros(5, 784), num_epochs=1, progress=False)
     with pytest.raises(ConfigError, match="batch_size"):
