@@ -394,8 +394,19 @@ def spline_autoregressive(
     check_positive_int(count_bins, "count_bins")
     check_positive_float(bound, "bound")
     return [
-        T.conditional_spline_autoregressive(
-            latent_dim, context_dim, _hidden(hidden_dims, latent_dim), count_bins, bound
+        T.ConditionalSplineAutoregressive(
+            latent_dim,
+            # Pyro's conditional_spline_autoregressive always asks for the 4 outputs of the
+            # linear-order spline, so build the rational-quadratic one's network here.
+            ConditionalAutoRegressiveNN(
+                latent_dim,
+                context_dim,
+                _hidden(hidden_dims, latent_dim),
+                param_dims=[count_bins, count_bins, count_bins - 1],
+            ),
+            count_bins=count_bins,
+            bound=bound,
+            order="quadratic",
         )
         for _ in range(num_transforms)
     ]

@@ -316,10 +316,12 @@ def flow_prior(
             arn = AutoRegressiveNN(
                 latent_dim,
                 hidden,
-                param_dims=[count_bins, count_bins, count_bins - 1, count_bins],
+                param_dims=[count_bins, count_bins, count_bins - 1],
                 permutation=order,
             )
-            steps.append(T.SplineAutoregressive(latent_dim, arn, count_bins=count_bins))
+            steps.append(
+                T.SplineAutoregressive(latent_dim, arn, count_bins=count_bins, order="quadratic")
+            )
         else:
             raise ConfigError(
                 f"unknown flow prior kind {kind!r}; use 'affine_autoregressive' or "
