@@ -39,4 +39,6 @@ def assert_close(actual, expected, rtol: float = 1e-7, atol: float = 1e-7, msg: 
     """One comparison for the whole suite (tensors or numbers)."""
     actual = torch.as_tensor(actual, dtype=torch.float64)
     expected = torch.as_tensor(expected, dtype=torch.float64)
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=msg or None)
+    torch.testing.assert_close(
+        actual, expected, rtol=rtol, atol=atol, msg=(lambda m: f"{msg}: {m}") if msg else None
+    )
