@@ -30,7 +30,18 @@ from .families import (
     radial,
     spline_autoregressive,
 )
-from .importance import LogLikelihood, elbo, log_likelihood, log_weights
+from .diagnostics import (
+    ActiveUnits,
+    Diagnostics,
+    KLPerDimension,
+    MutualInformation,
+    active_units,
+    diagnose,
+    kl_per_dimension,
+    mutual_information,
+)
+from .gaps import GapResult, gaps, plot_gaps
+from .importance import IWAEBounds, LogLikelihood, elbo, iwae_bounds, log_likelihood, log_weights
 from .likelihoods import (
     Bernoulli,
     Categorical256,
@@ -65,6 +76,19 @@ __all__ = [
     "elbo",
     "log_weights",
     "LogLikelihood",
+    "iwae_bounds",
+    "IWAEBounds",
+    "gaps",
+    "GapResult",
+    "plot_gaps",
+    "active_units",
+    "kl_per_dimension",
+    "mutual_information",
+    "diagnose",
+    "ActiveUnits",
+    "KLPerDimension",
+    "MutualInformation",
+    "Diagnostics",
     "MLP",
     "ConvEncoder",
     "ConvDecoder",
