@@ -22,9 +22,12 @@ cannot run code. Every problem (missing file, truncated or corrupted file, a fil
 pyrovae checkpoint, an unsafe file, a checkpoint of another model) raises
 :class:`~pyrovae.errors.CheckpointError` with a one-line message.
 
-A *run folder* holds ``checkpoint.pt`` (the latest checkpoint) and, when the model was built from
-a :class:`~pyrovae.build.VAEConfig`, ``config.json``; :func:`load_model` rebuilds the trained
-model from it.
+A *run folder* (what ``fit(checkpoint_dir=...)`` and ``pyrovae train`` write) holds
+``checkpoint.pt`` (the latest checkpoint) and, when the model was built from a
+:class:`~pyrovae.build.VAEConfig`, ``config.json``: ``{"vae": <the VAEConfig>, ...}`` plus
+whatever else describes the run (``pyrovae train`` adds its data and training options, which
+``pyrovae train --resume`` reuses). :func:`load_model` rebuilds the trained model from it; it is
+the one loading path, for the library and the CLI alike.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ __all__ = [
     "read_checkpoint",
     "load_model",
     "save_config",
+    "read_config",
     "checkpoint_path",
 ]
 
@@ -231,16 +235,58 @@ def save_checkpoint(
     return target
 
 
-def save_config(run_dir: str | os.PathLike[str], config: Any) -> Path:
-    """Write ``config`` (a :class:`~pyrovae.build.VAEConfig`) as ``run_dir/config.json``, atomically."""
+def save_config(run_dir: str | os.PathLike[str], config: Any, **run_info: Any) -> Path:
+    """Write ``run_dir/config.json`` atomically: ``{"vae": <config as a dict>, **run_info}``.
+
+    ``config`` is the :class:`~pyrovae.build.VAEConfig` that rebuilds the model; ``run_info`` is
+    whatever else describes the run (the CLI stores its data and training options there). Keys of
+    an existing ``config.json`` that are not given again are kept, so :func:`pyrovae.fit`
+    refreshing the model description never drops what the CLI wrote.
+    """
     d = _config_dict(config)
+    try:
+        extra = json.loads(json.dumps(run_info))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"run information cannot be stored as JSON ({e}); use plain numbers and strings") from None
     target = Path(run_dir) / CONFIG_NAME
-    text = json.dumps(d, indent=2, sort_keys=True) + "\n"
+    merged: dict[str, Any] = {}
+    if target.is_file():
+        with contextlib.suppress(CheckpointError):
+            merged = read_config(run_dir)
+    merged.update(extra)
+    merged["vae"] = d
+    text = json.dumps(merged, indent=2, sort_keys=True) + "\n"
     try:
         _atomic_write(target, lambda f: f.write(text.encode()))
     except OSError as e:
         raise CheckpointError(f"cannot write {target}: {e.strerror or e}; check the folder is writable") from None
     return target
+
+
+def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a run folder's ``config.json``: ``{"vae": <VAEConfig as a dict>, ...}``.
+
+    :raises CheckpointError: missing, unreadable, or without a model configuration.
+    """
+    if isinstance(run_dir, bool) or not isinstance(run_dir, (str, os.PathLike)):
+        raise CheckpointError(f"run_dir must be a path, got {type(run_dir).__name__}")
+    target = Path(run_dir) / CONFIG_NAME
+    if not target.is_file():
+        raise CheckpointError(
+            f"{target} does not exist; pass a run folder written by 'pyrovae train' or "
+            "pyrovae.fit(checkpoint_dir=...)"
+        )
+    try:
+        cfg = json.loads(target.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{target} cannot be read as JSON ({_first_line(e)}); restore it or retrain") from None
+    if isinstance(cfg, dict) and "vae" not in cfg and "num_features" in cfg:
+        cfg = {"vae": cfg}  # written by pyrovae 0.1 before run information was stored beside it
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("vae"), dict):
+        raise CheckpointError(
+            f"{target} holds no model configuration (a 'vae' entry); restore it or retrain"
+        )
+    return cfg
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -395,14 +441,10 @@ def load_checkpoint(
 
 
 def _read_config(run: Path, ckpt: Mapping[str, Any]) -> dict[str, Any]:
-    cfg_file = run / CONFIG_NAME if run.is_dir() else run.parent / CONFIG_NAME
-    if cfg_file.is_file():
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{cfg_file} cannot be read as JSON ({_first_line(e)}); restore it or retrain") from None
-    else:
-        cfg = (ckpt.get("model_description") or {}).get("config")
+    folder = run if run.is_dir() else run.parent
+    if (folder / CONFIG_NAME).is_file():
+        return read_config(folder)["vae"]
+    cfg = (ckpt.get("model_description") or {}).get("config")
     if not isinstance(cfg, dict):
         raise CheckpointError(
             f"{run} holds no model configuration ({CONFIG_NAME}); build the VAE yourself and "

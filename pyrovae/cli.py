@@ -2,7 +2,10 @@
 
 ``pyrovae train`` with no arguments trains a VAE on the bundled MNIST sample, prints per-epoch
 progress, the test ELBO and the importance-sampled test log-likelihood, and writes a run folder
-(``metrics.json``, ``config.json``, ``model.pt`` and PNG pictures).
+(``metrics.json``, ``config.json``, ``checkpoint.pt`` and PNG pictures). The run folder holds a
+checkpoint written atomically after every epoch (and every ``--checkpoint-every-steps`` steps), so
+``pyrovae train --resume RUN`` continues an interrupted run exactly where its last checkpoint
+stands, with the run's saved options.
 """
 
 from __future__ import annotations
@@ -87,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", type=Path, default=None,
                    help="run folder (default: runs/<dataset>-<time>)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r = t.add_argument_group("reliability")
+    r.add_argument("--resume", type=Path, default=None, metavar="RUN",
+                   help="continue the run in folder RUN from its last checkpoint, with its saved "
+                   "options (only --epochs, --checkpoint-every-steps, --clip-grad-norm, --device, "
+                   "--data-root and the evaluation options may be given anew)")
+    r.add_argument("--checkpoint-every-steps", type=int, default=None, metavar="N",
+                   help="also checkpoint every N steps inside an epoch (default: after each epoch only)")
+    r.add_argument("--clip-grad-norm", type=float, default=None, metavar="MAX",
+                   help="clip the total gradient 2-norm to MAX at every step (default: no clipping)")
     e = t.add_argument_group("evaluation")
     e.add_argument("--num-samples", type=int, default=1000,
                    help="importance samples K per test datapoint (default: 1000)")
@@ -199,16 +211,108 @@ def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress
     }
 
 
+# Options of `pyrovae train` that a resumed run may change; every other one is the run's own.
+_RESUME_MAY_CHANGE = frozenset({
+    "epochs", "checkpoint_every_steps", "clip_grad_norm", "device", "data_root", "num_samples",
+    "eval_points", "no_progress", "resume", "out",
+})
+# The run's data and training options saved in config.json ("cli"); the model is under "vae".
+_RUN_OPTIONS = (
+    "dataset", "binarize", "validation_fraction", "loss", "num_particles", "beta", "kl_warmup",
+    "epochs", "batch_size", "lr", "seed", "checkpoint_every_steps", "clip_grad_norm",
+)
+# Model options and the VAEConfig field each one sets.
+_MODEL_OPTIONS = {
+    "latent_dim": "latent_dim", "hidden_dims": "hidden_dims", "activation": "activation",
+    "prior": "prior", "family": "family", "likelihood": "likelihood", "option": "options",
+    "network": "network",
+}
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The ``train`` options written on the command line (not left at their defaults)."""
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for a in action.choices["train"]._actions:
+                a.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
+    """Check ``--resume RUN`` and fill ``args`` with the run's saved options; return its
+    :class:`~pyrovae.build.VAEConfig`."""
+    from .build import VAEConfig
+    from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, read_config
+
+    run = args.resume
+    if not run.is_dir():
+        raise ConfigError(f"--resume {run}: no such run folder; pass the folder 'pyrovae train' "
+                          "printed as 'run folder:'")
+    if not (run / CONFIG_NAME).is_file():
+        raise ConfigError(f"--resume {run}: the folder has no {CONFIG_NAME}, so it is not a run of "
+                          "'pyrovae train'; start a new run without --resume")
+    if not (run / CHECKPOINT_NAME).is_file():
+        raise ConfigError(f"--resume {run}: the run has no {CHECKPOINT_NAME} (it stopped before "
+                          "its first checkpoint); start it again without --resume")
+    if args.out is not None and args.out.resolve() != run.resolve():
+        raise ConfigError(f"--out {args.out} conflicts with --resume {run}: a resumed run goes on "
+                          "writing to its own folder; drop --out")
+    saved = read_config(run)
+    options = saved.get("cli")
+    if not isinstance(options, dict) or any(k not in options for k in _RUN_OPTIONS):
+        raise ConfigError(f"--resume {run}: {run / CONFIG_NAME} holds no 'pyrovae train' options; "
+                          "resume it in Python with pyrovae.fit(..., resume=...)")
+    vae_fields = dict(saved["vae"])
+    for dest, field in _MODEL_OPTIONS.items():
+        if dest not in given:
+            continue
+        value = getattr(args, dest)
+        value = _parse_options(value) if dest == "option" else value
+        stored = vae_fields.get(field)
+        if dest == "hidden_dims":
+            value, stored = list(value), list(stored or [])
+        if value != stored:
+            raise ConfigError(
+                f"{_flag(dest)} {value} conflicts with the run's saved {field}={stored!r} in "
+                f"{run / CONFIG_NAME}; drop {_flag(dest)} to resume {run}, or start a new run"
+            )
+    for dest in _RUN_OPTIONS:
+        if dest in given and dest not in _RESUME_MAY_CHANGE and getattr(args, dest) != options[dest]:
+            raise ConfigError(
+                f"{_flag(dest)} {getattr(args, dest)} conflicts with the run's saved "
+                f"{dest}={options[dest]!r} in {run / CONFIG_NAME}; drop {_flag(dest)} to resume "
+                f"{run}, or start a new run"
+            )
+        if dest not in given:
+            setattr(args, dest, options[dest])
+    args.out = run
+    vae_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_fields.items()}
+    try:
+        return VAEConfig(**vae_fields)
+    except TypeError as e:
+        raise ConfigError(f"--resume {run}: {run / CONFIG_NAME} is not a valid model "
+                          f"configuration ({e}); start a new run") from None
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import plots
     from .build import VAEConfig, build_vae
     from .training import fit
 
+    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+
+    resuming = args.resume is not None
+    saved_config = _resume_run(args, args.given) if resuming else None
     device = _device(args.device)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
     test = _load(args.dataset, "test", args.data_root, args.binarize)
     train, valid = _split_validation(train_full, args.validation_fraction, args.seed)
-    config = VAEConfig(
+    config = saved_config or VAEConfig(
         num_features=int(train.num_features),
         latent_dim=args.latent_dim,
         hidden_dims=tuple(args.hidden_dims),
@@ -223,12 +327,24 @@ def _train(args: argparse.Namespace) -> int:
     vae = build_vae(config, num_data=len(train))
     loss = _loss(args.loss, args.num_particles)
     out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out.mkdir(parents=True, exist_ok=True)
+    if not resuming and (out / CHECKPOINT_NAME).exists():
+        raise ConfigError(f"--out {out} already holds a trained run; continue it with --resume {out} "
+                          "or choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create the run folder {out} ({e.strerror or e}); "
+                          "choose a writable --out") from None
+    save_config(out, config, cli={k: getattr(args, k) for k in _RUN_OPTIONS})
     print(f"pyrovae train: {args.dataset} ({len(train)} train, "
           f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
           f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
           f"latent_dim={config.latent_dim} loss={args.loss} device={device}")
     print(f"run folder: {out}")
+    if resuming:
+        state = read_checkpoint(out)["training_state"] or {}
+        print(f"resuming from {out / CHECKPOINT_NAME}: epoch {state.get('epoch', 0) + 1}, "
+              f"{state.get('batch', 0)} minibatch(es) into it", flush=True)
 
     def report(epoch: int, history: Any) -> None:
         valid_text = (
@@ -243,9 +359,10 @@ def _train(args: argparse.Namespace) -> int:
         vae, train, loss=loss, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         validation=valid, seed=args.seed, device=device, progress=not args.no_progress,
         beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
+        checkpoint_dir=out, checkpoint_every_steps=args.checkpoint_every_steps,
+        resume=True if resuming else None, config=config, clip_grad_norm=args.clip_grad_norm,
     )
     train_seconds = time.perf_counter() - t0
-    _save_model(out, vae, config, args)
 
     test = _fixed_test_set(test, args.eval_points, args.seed)
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
@@ -255,6 +372,7 @@ def _train(args: argparse.Namespace) -> int:
         loss=args.loss, num_particles=args.num_particles, beta=args.beta,
         kl_warmup_epochs=args.kl_warmup, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, device=str(device), train_seconds=train_seconds,
+        clip_grad_norm=args.clip_grad_norm, checkpoint_every_steps=args.checkpoint_every_steps,
         history=history.to_dict(), versions=_versions(),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -266,31 +384,27 @@ def _train(args: argparse.Namespace) -> int:
     plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
     if config.latent_dim == 2:
         plots.latent_manifold(vae, shape, path=out / "manifold.png")
-    print(f"wrote {out}/: metrics.json config.json model.pt samples.png reconstructions.png "
+    print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
           f"training_curve.png{' manifold.png' if config.latent_dim == 2 else ''}")
     return 0
 
 
-def _save_model(out: Path, vae: Any, config: Any, args: argparse.Namespace) -> None:
-    from .runs import save_model
-
-    run_config = {
-        "vae": dataclasses.asdict(config),
-        "num_data": vae.num_data,
-        "dataset": args.dataset,
-        "binarize": args.binarize,
-    }
-    save_model(out, vae, run_config)
-
-
 def _evaluate(args: argparse.Namespace) -> int:
-    from .runs import load_model
+    from .checkpoint import CONFIG_NAME, load_model, read_config
 
+    if not args.run.is_dir():
+        raise ConfigError(f"{args.run} is not a folder; pass a run folder written by 'pyrovae train'")
     device = _device(args.device)
-    vae, run_config = load_model(args.run, device=device)
-    test = _load(run_config["dataset"], args.split, args.data_root, run_config["binarize"])
+    options = read_config(args.run).get("cli")
+    if not isinstance(options, dict) or "dataset" not in options:
+        raise ConfigError(
+            f"{args.run / CONFIG_NAME} names no dataset (the run was not written by 'pyrovae "
+            "train'); evaluate it in Python with pyrovae.load_model and pyrovae.log_likelihood"
+        )
+    vae = load_model(args.run, device=device)
+    test = _load(options["dataset"], args.split, args.data_root, options.get("binarize"))
     test = _fixed_test_set(test, args.eval_points, args.seed)
-    print(f"pyrovae evaluate: {args.run} on {run_config['dataset']} {args.split} ({len(test)} points)")
+    print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points)")
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
                                 not args.no_progress)
     path = args.run / f"evaluation-{args.split}-K{args.num_samples}.json"
@@ -315,7 +429,10 @@ def _show_warning(message: Any, category: Any, filename: str, lineno: int,
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pyrovae`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        args.given = _given_options(argv)  # to tell a conflicting option from a default
     import warnings
 
     warnings.showwarning = _show_warning
@@ -324,8 +441,11 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         return _evaluate(args)
     except PyrovaeError as e:
-        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written, a full disk, ...
+        print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"pyrovae {args.command}: interrupted", file=sys.stderr)
         return 130
