@@ -1,4 +1,5 @@
-"""The ``pyrovae`` command line: ``pyrovae train`` (the main job) and ``pyrovae evaluate``.
+"""The ``pyrovae`` command line: ``pyrovae train`` (the main job), ``pyrovae evaluate`` and
+``pyrovae gaps`` (approximation and amortization gaps of trained runs).
 
 ``pyrovae train`` with no arguments trains a VAE on the bundled MNIST sample, prints per-epoch
 progress, the test ELBO and the importance-sampled test log-likelihood, and writes a run folder
@@ -114,6 +115,27 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
     v.add_argument("--no-progress", action="store_true")
+
+    gp = sub.add_parser(
+        "gaps", help="approximation and amortization gaps of trained runs (Cremer et al. 2018)"
+    )
+    gp.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                    help="run folders written by 'pyrovae train' (compared side by side)")
+    gp.add_argument("--eval-points", type=int, default=1000,
+                    help="the first N test datapoints (default: 1000)")
+    gp.add_argument("--num-samples", type=int, default=5000,
+                    help="importance samples K for log p(x) (default: 5000)")
+    gp.add_argument("--num-elbo-samples", type=int, default=1000,
+                    help="draws per datapoint for L[q] and L[q*] (default: 1000)")
+    gp.add_argument("--num-steps", type=int, default=2000,
+                    help="most optimizer steps per batch for q* (default: 2000)")
+    gp.add_argument("--data-root", default=None)
+    gp.add_argument("--seed", type=int, default=0)
+    gp.add_argument("--device", default="cpu")
+    gp.add_argument("--no-progress", action="store_true")
+    gp.add_argument("--out", type=Path, default=None,
+                    help="folder for gaps.json and gaps.png (default: the run folder for one run, "
+                    "runs/gaps-<time> for several)")
     return parser
 
 
@@ -413,6 +435,79 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gaps(args: argparse.Namespace) -> int:
+    from .checkpoint import CONFIG_NAME, load_model, read_config
+    from .diagnostics import diagnose
+    from .gaps import gaps, plot_gaps
+
+    device = _device(args.device)
+    for run in args.runs:  # check every folder before the long computation
+        if not run.is_dir():
+            raise ConfigError(f"{run} is not a folder; pass run folders written by 'pyrovae train'")
+        options = read_config(run).get("cli")
+        if not isinstance(options, dict) or "dataset" not in options:
+            raise ConfigError(
+                f"{run / CONFIG_NAME} names no dataset (the run was not written by 'pyrovae "
+                "train'); measure it in Python with pyrovae.load_model and pyrovae.gaps"
+            )
+    out = args.out or (
+        args.runs[0] if len(args.runs) == 1
+        else Path("runs") / f"gaps-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    labels = [run.resolve().name for run in args.runs]
+    results, report = [], {}
+    for run, label in zip(args.runs, labels):
+        options = read_config(run)["cli"]
+        vae = load_model(run, device=device)
+        test = _load(options["dataset"], "test", args.data_root, options.get("binarize"))
+        test = _fixed_test_set(test, args.eval_points, args.seed).to(device)
+        print(f"pyrovae gaps: {run} on {options['dataset']} test ({len(test)} points, "
+              f"K={args.num_samples})", flush=True)
+        t0 = time.perf_counter()
+        result = gaps(vae, test, num_samples=args.num_samples,
+                      num_elbo_samples=args.num_elbo_samples, num_steps=args.num_steps,
+                      seed=args.seed, progress=not args.no_progress)
+        diagnostics = diagnose(vae, test, seed=args.seed, progress=not args.no_progress)
+        results.append(result)
+        report[label] = {
+            "run": str(run), "dataset": options["dataset"], "gaps": result.to_dict(),
+            "diagnostics": diagnostics.to_dict(), "seconds": time.perf_counter() - t0,
+        }
+    _print_gap_table(labels, report)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"eval_points": args.eval_points, "num_samples": args.num_samples,
+                "num_elbo_samples": args.num_elbo_samples, "num_steps": args.num_steps,
+                "seed": args.seed, "split": "test"}
+    (out / "gaps.json").write_text(json.dumps(
+        {"settings": settings, "runs": report, "versions": _versions()}, indent=2) + "\n")
+    plot_gaps(results, path=out / "gaps.png", labels=labels)
+    print(f"wrote {out}/: gaps.json gaps.png")
+    return 0
+
+
+def _print_gap_table(labels: list[str], report: dict[str, Any]) -> None:
+    width = max(12, *(len(label) for label in labels))
+    columns = (("log_px", "log p(x)"), ("elbo_optimal", "L[q*]"), ("elbo_amortized", "L[q]"),
+               ("approximation_gap", "approx. gap"), ("amortization_gap", "amort. gap"))
+    print(f"{'run':<{width}}" + "".join(f"{name:>17}" for _, name in columns)
+          + f"{'k-hat>0.7':>11}")
+    for label in labels:
+        g = report[label]["gaps"]
+        share = g["khat_above_0.7_share"]
+        cells = "".join(f"{g[k]['mean']:>10.2f} ± {g[k]['stderr']:<4.2f}" for k, _ in columns)
+        print(f"{label:<{width}}{cells}{'n/a' if share is None else f'{100 * share:.1f}%':>11}")
+    print("nats per datapoint, ± standard error over datapoints; approximation gap = log p(x) - "
+          "L[q*], amortization gap = L[q*] - L[q]")
+    print(f"{'run':<{width}}{'active units':>14}{'KL(q(z|x)||p(z))':>19}{'I(x;z)':>15}"
+          f"{'KL(q(z)||p(z))':>17}")
+    for label in labels:
+        d = report[label]["diagnostics"]
+        au, kl, agg = d["active_units"], d["kl"], d["aggregate_posterior"]
+        print(f"{label:<{width}}{au['count']:>9d} / {au['latent_dim']:<2d}{kl['total']:>19.2f}"
+              f"{agg['mutual_information']['mean']:>15.2f}{agg['marginal_kl']['mean']:>17.2f}")
+    print("I(x;z) + KL(q(z)||p(z)) = average KL (Hoffman & Johnson 2016); I(x;z) <= log N")
+
+
 def _versions() -> dict[str, str]:
     import pyro
 
@@ -439,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "gaps":
+            return _gaps(args)
         return _evaluate(args)
     except PyrovaeError as e:
         print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
