@@ -87,3 +87,9 @@ def test_gaps_command_one_run_writes_into_it_and_rejects_bad_folders(runs, tmp_p
     assert len(err) == 1 and "nowhere is not a folder" in err[0]
     assert main(["gaps", str(runs[0]), *GAPS, "--num-samples", "0"]) == 2
     assert "num_samples must be a positive integer" in capsys.readouterr().err
+    assert main(["gaps", str(runs[0]), *GAPS, "--mi-batch-size", "1"]) == 2
+    assert "batch_size must be >= 2" in capsys.readouterr().err
+    # a minibatch estimate of the aggregate posterior (M = 4 of 12 points)
+    assert main(["gaps", str(runs[0]), *GAPS, "--mi-batch-size", "4"]) == 0
+    report = json.loads((runs[0] / "gaps.json").read_text())
+    assert report["runs"]["diagonal"]["diagnostics"]["aggregate_posterior"]["batch_size"] == 4
