@@ -31,7 +31,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
 from ._batching import as_dataset
-from ._checks import check_positive_float, check_positive_int
+from ._checks import check_positive_float, check_positive_int, to_device
 from .errors import CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .importance import elbo as elbo_estimate
 
@@ -86,6 +86,11 @@ def _resolve_device(vae: torch.nn.Module, device: Any) -> torch.device:
         raise ConfigError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device} was asked for but CUDA is not available; use 'cpu'")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+            "device(s); use 'cuda:0'"
+        )
     if device.type not in ("cpu", "cuda", "mps", "xpu"):
         raise ConfigError(f"cannot train on device {device}; use 'cpu' or 'cuda'")
     return device
@@ -106,7 +111,7 @@ def _check_dataset(vae: Any, dataset: Any, what: str, device: torch.device) -> N
             ) from None
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
-        vae.check_data(x.to(device), what)
+        vae.check_data(to_device(x, device, what), what)
 
 
 # --------------------------------------------------------------------------- reproducible order
@@ -181,6 +186,25 @@ def _settle_plate_nesting(loss: ELBO, vae: Any, dataset: Any, device: torch.devi
 
 
 # ------------------------------------------------------------------------------ numerical faults
+def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch and device have it (one kernel for all
+    parameters instead of one small op per tensor: ~2 ms per step of a 784-400-400-50 VAE on a
+    CPU), else the default implementation. Both compute the same update."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+def _needs_param_sites(loss: Any) -> bool:
+    """Whether ``loss`` finds what to differentiate through the trace's "param" sites."""
+    from pyro.infer import JitTraceMeanField_ELBO, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+    if isinstance(loss, (JitTrace_ELBO, JitTraceMeanField_ELBO)):
+        return True
+    return not isinstance(loss, (Trace_ELBO, TraceMeanField_ELBO))
+
+
 def _grad_norm(params: list[torch.Tensor], clip_grad_norm: float | None) -> float:
     """The total gradient 2-norm (one fused reduction), clipping first if asked; inf/NaN if any
     gradient is not finite."""
@@ -380,7 +404,7 @@ def fit(
     params = [p for p in vae.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the VAE has no trainable parameters")
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = _adam(params, lr)
     # Losses with a differentiable_loss (Trace_ELBO, TraceMeanField_ELBO, JitTrace_ELBO) give a
     # tensor to backpropagate; the rest (RenyiELBO) backpropagate inside loss_and_grads.
     differentiable = hasattr(loss, "differentiable_loss")
@@ -422,6 +446,10 @@ def fit(
 
     vae.train()
     _settle_plate_nesting(loss, vae, train_set, device)
+    # The optimizer holds the parameters, so the param store needs them only for losses that
+    # look for "param" sites (loss_and_grads, the JIT): skip pyro.module's per-step cost otherwise.
+    registered = vae._register
+    vae._register = _needs_param_sites(loss)
     try:
         for epoch in range(start_epoch, num_epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -507,4 +535,5 @@ def fit(
             write_checkpoint(epoch + 1, 0, (0.0, 0, 0.0))
     finally:
         vae.kl_weight = 1.0
+        vae._register = registered
     return history

@@ -270,20 +270,22 @@ def test_family_samples_agree_with_log_prob(name, float64):
     r"""Samples and ``log_prob`` describe the same distribution.
 
     Invertible families (``log_prob`` anywhere): the first two moments of the samples match those
-    of the density integrated on a fine 2-D grid. Planar and radial flows (``log_prob`` only on
-    their own samples): the importance identity :math:`E_{z \sim q}[p(z)/q(z)] = 1` for a
-    normalized Gaussian p narrower than q; a missing log-determinant or a bad constant biases it.
+    of the density on a fine 2-D grid over the samples' range. Planar and radial flows
+    (``log_prob`` only on their own samples): the importance identity
+    :math:`E_{z \sim q}[p(z)/q(z)] = 1` for a normalized Gaussian p narrower than q; a missing
+    log-determinant or a bad constant biases it.
     """
+    invertible = name in INVERTIBLE_FAMILIES
     q = _family(name).double()
-    _perturb(q, 0.5 if name not in INVERTIBLE_FAMILIES else 0.3)
-    x = torch.randn(4, 3)
-    d = q(x, torch.arange(4))
+    _perturb(q, {"spline": 0.15}.get(name, 0.3 if invertible else 0.5))
+    batch = 2 if invertible else 4
+    d = q(torch.randn(batch, 3), torch.arange(batch))
     n = 40000
     z = d.sample((n,))
-    if name in INVERTIBLE_FAMILIES:
-        grid, _ = _grid(10.0, 801)
+    if invertible:
+        grid, _ = _sample_grid(z, 301)
         with torch.no_grad():
-            weights = d.log_prob(grid.unsqueeze(1)).softmax(0)  # (G, 4): the density on the grid
+            weights = _grid_log_prob(d, grid.unsqueeze(1)).softmax(0)  # (G, batch)
         for f in (lambda v: v, lambda v: v**2):
             exact = torch.einsum("gi,gb->bi", f(grid), weights)
             fz = f(z)
@@ -303,56 +305,28 @@ def test_family_samples_agree_with_log_prob(name, float64):
 @pytest.mark.parametrize("name", INVERTIBLE_FAMILIES)
 def test_invertible_family_integrates_to_one(name, float64):
     q = _family(name).double()
-    _perturb(q, 0.3)
+    _perturb(q, 0.15 if name == "spline" else 0.3)  # larger moves make splines too sharp to grid
     d = q(torch.randn(1, 3), torch.arange(1))
-    grid, area = _grid(10.0, 1201)  # fine: spline densities are sharp
-    total = d.log_prob(grid.unsqueeze(1)).exp().sum() * area
+    grid, area = _sample_grid(d.sample((20000,)), 401)
+    with torch.no_grad():
+        total = _grid_log_prob(d, grid.unsqueeze(1)).exp().sum() * area
     assert_close(total, 1.0, atol=2e-3, rtol=0)
 
 
-@pytest.mark.parametrize("kind", list(FLOW_TRANSFORMS))
-def test_flow_log_det_matches_autograd_jacobian(kind, float64):
-    torch.manual_seed(2)
-    latent_dim, context_dim = 3, 4
-    transforms = FLOW_TRANSFORMS[kind](latent_dim, context_dim, 1)
-    for t in transforms:
-        t.double()
-        _perturb(t, 0.5)
-    for _ in range(3):
-        context = torch.randn(context_dim)
-        x = torch.randn(latent_dim)
-        for t in transforms:
-            tc = t.condition(context)
-            y = tc(x)
-            jac = torch.autograd.functional.jacobian(lambda v: tc(v), x)
-            _, logabsdet = torch.linalg.slogdet(jac)
-            assert_close(tc.log_abs_det_jacobian(x, y), logabsdet, rtol=1e-9, atol=1e-9)
-            x = y.detach()
-
-
-def test_full_rank_scale_tril_is_lower_triangular_with_positive_diagonal():
-    q = _family("full_rank", latent_dim=4)
-    raw = torch.randn(5, 10) * 3
-    L = q.scale_tril(raw)
-    assert bool((L.triu(1) == 0).all()) and bool((torch.diagonal(L, dim1=-2, dim2=-1) > 0).all())
-    rows, cols = torch.tril_indices(4, 4)
-    off = rows != cols
-    assert_close(L[:, rows[off], cols[off]], raw[:, off])
-
-
-def test_local_normal_needs_indices_in_range():
-    q = LocalNormal(3, 2)
-    with pytest.raises(DataError, match="idx"):
-        q(torch.zeros(2, 5))
-    with pytest.raises(DataError, match="num_data"):
-        q(torch.zeros(2, 5), torch.tensor([0, 3]))
+def _sample_grid(z: torch.Tensor, n: int, pad: float = 1.5) -> tuple[torch.Tensor, float]:
+    """An ``n x n`` grid over the box of all samples ``z`` ``(S, batch, 2)``, widened by ``pad``
+    (the mass beyond is negligible), and its cell area."""
+    flat = z.detach().reshape(-1, 2)
+    lo, hi = flat.min(0).values - pad, flat.max(0).values + pad
+    axes = [torch.linspace(float(lo[i]), float(hi[i]), n, dtype=torch.float64) for i in range(2)]
+    zz = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 2)
+    return zz, float((axes[0][1] - axes[0][0]) * (axes[1][1] - axes[1][0]))
 
 
 # ---------------------------------------------------------------------- priors
-def _grid(bound: float, n: int) -> tuple[torch.Tensor, float]:
-    t = torch.linspace(-bound, bound, n, dtype=torch.float64)
-    zz = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
-    return zz, float((t[1] - t[0]) ** 2)
+def _grid_log_prob(d, grid: torch.Tensor) -> torch.Tensor:
+    """``d.log_prob`` on a large grid, in chunks (bounded memory for flows)."""
+    return torch.cat([d.log_prob(g) for g in grid.split(65536)])
 
 
 def _priors() -> dict[str, nn.Module]:
@@ -391,13 +365,13 @@ def test_prior_integrates_to_one_and_samples_agree(name, float64):
     with torch.no_grad():
         d = prior()
         assert d.batch_shape == () and d.event_shape == (2,)
-        grid, area = _grid(12.0, 801)
-        density = d.log_prob(grid).exp()
+        n = 40000
+        z = d.sample((n,))
+        grid, area = _sample_grid(z.unsqueeze(1), 501, pad=3.0)
+        density = _grid_log_prob(d, grid).exp()
         total = density.sum() * area
         assert_close(total, 1.0, atol=2e-3, rtol=0)
         # E[z] and E[z^2] on the grid against the sample averages
-        n = 40000
-        z = d.sample((n,))
         for f in (lambda v: v, lambda v: v**2):
             exact = (f(grid) * density.unsqueeze(-1)).sum(0) * area
             fz = f(z)
