@@ -31,6 +31,11 @@ class IndexedTensor(Dataset):
 def as_dataset(data: Any, what: str) -> Dataset:
     """Accept a tensor or a dataset returning ``(x, idx)``; raise :class:`DataError` otherwise."""
     if isinstance(data, torch.Tensor):
+        if data.dim() != 2:
+            raise DataError(
+                f"{what} must have shape (num_datapoints, num_features), got {tuple(data.shape)}; "
+                "flatten images with x.reshape(len(x), -1)"
+            )
         return IndexedTensor(data)
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -18,14 +19,48 @@ def check_positive_int(value: Any, name: str) -> int:
 
 
 def check_positive_float(value: Any, name: str) -> float:
-    """Return ``value`` as a float if it is finite and > 0, else raise :class:`ConfigError`."""
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}") from None
+    """Return ``value`` as a float if it is a real number, finite and > 0, else raise
+    :class:`ConfigError` (a string such as ``"0.1"`` is refused, not parsed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+    f = float(value)
     if not math.isfinite(f) or f <= 0:
         raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
     return f
+
+
+def check_vae(vae: Any) -> Any:
+    """Return ``vae`` if it is a :class:`torch.nn.Module` with ``model``, ``guide`` and
+    ``check_data`` (a :class:`~pyrovae.VAE`, or anything shaped like one), else raise
+    :class:`ConfigError`."""
+    if not isinstance(vae, torch.nn.Module) or not all(
+        callable(getattr(vae, a, None)) for a in ("model", "guide", "check_data")
+    ):
+        raise ConfigError(
+            f"vae must be a pyrovae.VAE (a torch.nn.Module with model, guide and check_data), "
+            f"got {type(vae).__name__}"
+        )
+    return vae
+
+
+def check_seed(seed: Any, name: str = "seed") -> int | None:
+    """Return ``seed`` if it is ``None`` or an integer >= 0, else raise :class:`ConfigError`."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"{name} must be a non-negative integer or None, got {seed!r}")
+    return seed
+
+
+def to_device(x: torch.Tensor, device: torch.device | str, what: str = "data") -> torch.Tensor:
+    """``x.to(device)``, or :class:`DataError` if ``x`` cannot be moved there (e.g. a ``meta``
+    tensor, which holds no values)."""
+    try:
+        return x.to(device)
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            f"{what} on device {x.device} cannot be moved to {device} ({reason}); pass data that "
+            "holds values, on the CPU or the model's device"
+        ) from None
 
 
 def check_finite(x: torch.Tensor, what: str = "data") -> None:

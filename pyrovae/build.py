@@ -19,6 +19,7 @@ The options (``VAEConfig.options``) are listed in :data:`OPTIONS`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from ._checks import check_positive_int
 from .errors import ConfigError
 from .families import FLOW_TRANSFORMS, DiagonalNormal, Flow, FullRankNormal, LocalNormal
 from .likelihoods import Bernoulli, Categorical256, ContinuousBernoulli, Gaussian, Laplace
-from .nets import MLP, ConvDecoder, ConvEncoder
+from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder
 from .priors import LearnedNormal, MixtureOfGaussians, StandardNormal, VampPrior, flow_prior
 from .vae import VAE
 
@@ -263,9 +264,49 @@ LIKELIHOODS: dict[str, Callable[..., nn.Module]] = {
 
 
 def _lookup(registry: dict[str, Any], name: str, kind: str) -> Any:
-    if name not in registry:
+    if not isinstance(name, str) or name not in registry:
         raise ConfigError(f"unknown {kind} {name!r}; choose one of {sorted(registry)}")
     return registry[name]
+
+
+def _is_positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_ints(value: Any, name: str, *, allow_empty: bool = True) -> tuple[int, ...]:
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or not all(_is_positive_int(v) for v in value)
+        or (not allow_empty and len(value) == 0)
+    ):
+        raise ConfigError(
+            f"{name} must be a {'non-empty ' if not allow_empty else ''}list of positive integers, "
+            f"got {value!r}"
+        )
+    return tuple(value)
+
+
+def _check_option(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` if ``value`` is not a sound value of option ``name``."""
+    if name in ("num_transforms", "num_components", "num_pseudo_inputs", "count_bins"):
+        check_positive_int(value, f"option {name}")
+    elif name == "flow_hidden_dims" and value is not None:
+        _positive_ints(value, "option flow_hidden_dims", allow_empty=False)
+    elif name == "conv_channels":
+        _positive_ints(value, "option conv_channels", allow_empty=False)
+    elif name in ("flow_base", "flow_prior_kind"):
+        choices = ("diagonal", "full_rank") if name == "flow_base" else (
+            "affine_autoregressive", "spline_autoregressive")
+        if value not in choices:
+            raise ConfigError(f"option {name} must be one of {list(choices)}, got {value!r}")
+    elif name == "scale" and value not in ("learned", "predicted"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            0 < value < float("inf")
+        ):
+            raise ConfigError(
+                f"option scale must be a positive number, 'learned' or 'predicted', got {value!r}"
+            )
 
 
 def _check_config(config: VAEConfig) -> None:
@@ -273,12 +314,29 @@ def _check_config(config: VAEConfig) -> None:
         raise ConfigError(f"config must be a pyrovae.build.VAEConfig, got {type(config).__name__}")
     check_positive_int(config.num_features, "num_features")
     check_positive_int(config.latent_dim, "latent_dim")
+    _positive_ints(config.hidden_dims, "hidden_dims")
+    if not isinstance(config.activation, str) or config.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation {config.activation!r}; use one of {sorted(ACTIVATIONS)}"
+        )
+    if config.image_shape is not None:
+        shape = _positive_ints(config.image_shape, "image_shape", allow_empty=False)
+        if len(shape) > 3 or math.prod(shape) != config.num_features:
+            raise ConfigError(
+                f"image_shape {config.image_shape!r} must be (H, W) or (C, H, W) with "
+                f"num_features={config.num_features} pixels in all; fix it or pass None"
+            )
     if not isinstance(config.options, dict):
         raise ConfigError(f"options must be a dict, got {type(config.options).__name__}")
-    unknown = sorted(set(config.options) - set(OPTIONS))
+    unknown = sorted(map(str, set(config.options) - set(OPTIONS)))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; known options are {sorted(OPTIONS)}")
+    for name, value in config.options.items():
+        _check_option(name, value)
     _lookup(NETWORKS, config.network, "network")
+    _lookup(PRIORS, config.prior, "prior")
+    _lookup(FAMILIES, config.family, "family")
+    _lookup(LIKELIHOODS, config.likelihood, "likelihood")
 
 
 def build_vae(config: VAEConfig, num_data: int) -> VAE:

@@ -489,7 +489,11 @@ def load_model(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:
     except ConfigError as e:
         raise CheckpointError(f"the saved configuration cannot be built: {e}") from None
     if device is not None:
-        vae.to(device)
+        try:
+            vae.to(device)
+        except (RuntimeError, TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"cannot put the model on device {device!r} ({_first_line(e)}); "
+                              "use 'cpu' or an existing 'cuda:N'") from None
     load_checkpoint(run, vae=vae)
     with contextlib.suppress(AttributeError, TypeError):
         vae.config = config

@@ -166,6 +166,9 @@ def _device(name: str) -> torch.device:
         raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s); use cuda:0 or --device auto")
     return device
 
 
@@ -326,6 +329,31 @@ def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
                           f"configuration ({e}); start a new run") from None
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse impossible numbers before any data is read or any step is taken, naming the flag."""
+    import math
+
+    def bad(dest: str, need: str) -> ConfigError:
+        return ConfigError(f"{_flag(dest)} must be {need}, got {getattr(args, dest)}")
+
+    for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples"):
+        if dest in args and getattr(args, dest) < 1:
+            raise bad(dest, "a positive integer")
+    for dest in ("eval_points", "checkpoint_every_steps"):
+        if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
+            raise bad(dest, "a positive integer")
+    if "hidden_dims" in args and any(h < 1 for h in args.hidden_dims):
+        raise bad("hidden_dims", "positive integers")
+    for dest in ("lr", "beta", "clip_grad_norm"):
+        value = getattr(args, dest, None)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise bad(dest, "a positive finite number")
+    if "kl_warmup" in args and not (math.isfinite(args.kl_warmup) and args.kl_warmup >= 0):
+        raise bad("kl_warmup", "a finite number >= 0")
+    if "seed" in args and args.seed < 0:
+        raise bad("seed", "a non-negative integer")
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import plots
     from .build import VAEConfig, build_vae
@@ -335,6 +363,10 @@ def _train(args: argparse.Namespace) -> int:
 
     resuming = args.resume is not None
     saved_config = _resume_run(args, args.given) if resuming else None
+    _check_numbers(args)
+    if not 0 <= args.validation_fraction < 1:
+        raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
+    _loss(args.loss, args.num_particles)
     device = _device(args.device)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
     test = _load(args.dataset, "test", args.data_root, args.binarize)
@@ -421,6 +453,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if not args.run.is_dir():
         raise ConfigError(f"{args.run} is not a folder; pass a run folder written by 'pyrovae train'")
+    _check_numbers(args)
     device = _device(args.device)
     options = read_config(args.run).get("cli")
     if not isinstance(options, dict) or "dataset" not in options:

@@ -394,7 +394,10 @@ def _read_bytes(path: str | os.PathLike[str]) -> tuple[Path, bytes]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise DataNotFoundError(f"data file {p} does not exist; check the path or the data root")
-    raw = p.read_bytes()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read data file {p} ({e.strerror or e}); check its permissions") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)

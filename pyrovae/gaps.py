@@ -316,6 +316,8 @@ def _optimized_batches(
     lr = check_positive_float(lr, "lr")
     if isinstance(max_decays, bool) or not isinstance(max_decays, int) or max_decays < 0:
         raise ConfigError(f"max_decays must be a non-negative integer, got {max_decays!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise ConfigError(f"tol must be a finite number >= 0 (nats per datapoint), got {tol!r}")
     tol = float(tol)
     dataset = as_dataset(data, "data")
     n = len(dataset)

@@ -51,7 +51,7 @@ import torch
 from pyro import poutine
 
 from ._batching import as_dataset
-from ._checks import check_positive_int
+from ._checks import check_positive_int, check_seed, check_vae, to_device
 from .errors import ConfigError, ImportanceSamplingWarning
 
 __all__ = [
@@ -239,7 +239,7 @@ def _chunked_log_weights(
     with tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False) as bar:
         for start in range(0, n, points_per_batch):
             x, idx = dataset[torch.arange(start, min(start + points_per_batch, n))]
-            x = x.to(device)
+            x = to_device(torch.as_tensor(x), device)
             idx = torch.as_tensor(idx).to(device)
             if start == 0:
                 vae.check_data(x)
@@ -258,7 +258,8 @@ def _summarize(values: torch.Tensor, num_samples: int) -> LogLikelihood:
     return LogLikelihood(values, float(values.mean()), stderr, num_samples)
 
 
-def _check(num_samples: Any, max_rows: Any) -> tuple[int, int]:
+def _check(num_samples: Any, max_rows: Any, vae: Any = None) -> tuple[int, int]:
+    check_vae(vae)
     return check_positive_int(num_samples, "num_samples"), check_positive_int(max_rows, "max_rows")
 
 
@@ -292,7 +293,7 @@ def log_likelihood(
         trusted: the proposal is too narrow).
     :returns: a :class:`LogLikelihood` (with ``khat`` and ``ess`` when ``diagnostics``).
     """
-    num_samples, max_rows = _check(num_samples, max_rows)
+    num_samples, max_rows = _check(num_samples, max_rows, vae)
     values, khats, esss = [], [], []
     with _seeded(seed), _evaluating(vae):
         for _, w in _chunked_log_weights(vae, data, num_samples, max_rows, progress, "log p(x)"):
@@ -355,7 +356,7 @@ def iwae_bounds(
         ) from None
     if not ks:
         raise ConfigError("num_samples is empty; pass e.g. (1, 10, 100, 1000)")
-    k_max, max_rows = _check(ks[-1], max_rows)
+    k_max, max_rows = _check(ks[-1], max_rows, vae)
     columns = []
     with _seeded(seed), _evaluating(vae):
         for _, w in _chunked_log_weights(vae, data, k_max, max_rows, progress, "IWAE bounds"):
@@ -386,7 +387,7 @@ def elbo(
 
     Same arguments as :func:`log_likelihood`; returns a :class:`LogLikelihood` of ELBOs.
     """
-    num_samples, max_rows = _check(num_samples, max_rows)
+    num_samples, max_rows = _check(num_samples, max_rows, vae)
     with _seeded(seed), _evaluating(vae):
         parts = [
             w.mean(0)
@@ -399,7 +400,7 @@ class _seeded:
     """Fork the torch RNG and seed it, if a seed is given."""
 
     def __init__(self, seed: int | None) -> None:
-        self.seed = seed
+        self.seed = check_seed(seed)
         self._fork: Any = None
 
     def __enter__(self) -> None:

@@ -71,8 +71,13 @@ class MLP(nn.Sequential):
                     f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}"
                 )
             make_activation = ACTIVATIONS[activation]
-        else:
+        elif callable(activation):
             make_activation = activation
+        else:
+            raise ConfigError(
+                f"activation must be a name from {sorted(ACTIVATIONS)} or a callable returning a "
+                f"module, got {activation!r}"
+            )
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(nn.Linear(a, b))
@@ -92,6 +97,11 @@ def _make_activation(activation: str | Callable[[], nn.Module]) -> Callable[[], 
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown activation {activation!r}; use one of {sorted(ACTIVATIONS)}")
         return ACTIVATIONS[activation]
+    if not callable(activation):
+        raise ConfigError(
+            f"activation must be a name from {sorted(ACTIVATIONS)} or a callable returning a "
+            f"module, got {activation!r}"
+        )
     return activation
 
 

@@ -160,14 +160,19 @@ class VAE(PyroModule):
             )
         if x.shape[0] == 0:
             raise DataError(f"{what} is empty; pass at least one datapoint")
+        device, dtype = self._device_dtype()
         if not x.is_floating_point():
-            raise DataError(f"{what} must be floating point, got {x.dtype}; use x.float()")
-        check_finite(x, what)
-        device, _ = self._device_dtype()
+            raise DataError(f"{what} must be floating point, got {x.dtype}; use x.to({dtype})")
+        if x.dtype != dtype:
+            raise DataError(
+                f"{what} is {x.dtype} but the model's parameters are {dtype}; convert the data "
+                f"with x.to({dtype}) (or the model with vae.to({x.dtype}))"
+            )
         if x.device != device:
             raise DataError(
                 f"{what} is on {x.device} but the model is on {device}; move one with .to()"
             )
+        check_finite(x, what)
         z = self.prior().sample((1,))
         px = self.likelihood(z)
         event_shape = tuple(px.event_shape)
