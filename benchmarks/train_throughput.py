@@ -5,7 +5,10 @@ family, standard normal prior) with Adam at batch 128 on the same binary data, i
 interleaved over several rounds; the median steps per second of each is reported, and their ratio.
 
 The reference is the loop a PyTorch user writes by hand: encoder -> reparameterized sample ->
-decoder -> BCE + analytic-free Monte Carlo KL, ``torch.optim.Adam`` with its defaults.
+decoder -> BCE + analytic-free Monte Carlo KL, ``torch.optim.Adam`` with its defaults. A second
+reference uses ``Adam(fused=True)``, as ``fit`` does where torch has it, so the ratio against it
+isolates what Pyro's tracing costs. A breakdown times the phases of one step (loss forward,
+backward, optimizer) for both, to say where the remaining time goes.
 
 Run: ``python benchmarks/train_throughput.py [--steps 300] [--rounds 3] [--out FILE]``
 """
@@ -52,10 +55,10 @@ class RawVAE(nn.Module):
         return -(log_px + log_pz - log_qz).sum() * (num_data / x.shape[0])
 
 
-def raw_steps_per_second(data: torch.Tensor, steps: int) -> float:
+def raw_steps_per_second(data: torch.Tensor, steps: int, fused: bool = False) -> float:
     torch.manual_seed(0)
     model = RawVAE()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
     n = len(data)
     gen = torch.Generator().manual_seed(0)
     done = 0
@@ -75,15 +78,62 @@ def raw_steps_per_second(data: torch.Tensor, steps: int) -> float:
 
 
 def pyrovae_steps_per_second(data: torch.Tensor, steps: int) -> float:
-    vae = VAE(
-        StandardNormal(L),
-        DiagonalNormal(MLP(D, (H,), H, activate_output=True), L),
-        Bernoulli(MLP(L, (H, H), D)),
-        num_data=len(data),
-    )
+    vae = _pyrovae_vae(len(data))
     num_epochs = steps * BATCH // len(data)
     history = pyrovae.fit(vae, data, num_epochs=num_epochs, batch_size=BATCH, progress=False)
     return history.num_steps / sum(history.epoch_seconds)
+
+
+def _pyrovae_vae(num_data: int) -> VAE:
+    return VAE(
+        StandardNormal(L),
+        DiagonalNormal(MLP(D, (H,), H, activate_output=True), L),
+        Bernoulli(MLP(L, (H, H), D)),
+        num_data=num_data,
+    )
+
+
+def breakdown(data: torch.Tensor, steps: int) -> dict:
+    """Milliseconds per step in each phase, for the raw loop and for fit's inner loop."""
+    import pyro
+    from pyro.infer import Trace_ELBO
+
+    from pyrovae.training import _adam
+
+    def timed(loss_fn, params, opt) -> dict:
+        phases = {"loss": 0.0, "backward": 0.0, "optimizer": 0.0}
+        gen = torch.Generator().manual_seed(1)
+        for i in range(steps + 10):
+            idx = torch.randint(0, len(data), (BATCH,), generator=gen)
+            x = data[idx]
+            t0 = time.perf_counter()
+            loss = loss_fn(x, idx)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t3 = time.perf_counter()
+            if i >= 10:  # warm-up
+                phases["loss"] += t1 - t0
+                phases["backward"] += t2 - t1
+                phases["optimizer"] += t3 - t2
+        return {k: 1000 * v / steps for k, v in phases.items()}
+
+    torch.manual_seed(0)
+    raw = RawVAE()
+    out = {"raw (default Adam)": timed(lambda x, idx: raw.loss(x, len(data)), None,
+                                         torch.optim.Adam(raw.parameters(), lr=1e-3))}
+    torch.manual_seed(0)
+    vae = _pyrovae_vae(len(data))
+    vae._register = False  # as fit does for Trace_ELBO
+    elbo = Trace_ELBO()
+    with pyro.validation_enabled(False):
+        out["pyrovae (fit's loop)"] = timed(
+            lambda x, idx: elbo.differentiable_loss(vae.model, vae.guide, x, idx), None,
+            _adam(list(vae.parameters()), 1e-3),
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,15 +141,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=400, help="steps per measurement")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     data = torch.bernoulli(torch.rand(args.steps * BATCH // 4, D) * 0.3)  # 4 epochs of data
     raw_steps_per_second(data, 20)  # warm-up
-    raw, ours = [], []
+    raw, raw_fused, ours = [], [], []
     for _ in range(args.rounds):
         raw.append(raw_steps_per_second(data, args.steps))
+        raw_fused.append(raw_steps_per_second(data, args.steps, fused=True))
         ours.append(pyrovae_steps_per_second(data, args.steps))
+    phases = breakdown(data, args.steps // 2)
     result = {
         "benchmark": "train_throughput",
         "architecture": f"{D}-{H}-{H}-{L} MLP VAE, batch {BATCH}",
@@ -107,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         "rounds": args.rounds,
         "raw_pytorch_steps_per_s": statistics.median(raw),
         "pyrovae_fit_steps_per_s": statistics.median(ours),
+        "raw_pytorch_fused_adam_steps_per_s": statistics.median(raw_fused),
         "ratio": statistics.median(ours) / statistics.median(raw),
+        "ratio_vs_fused_adam_reference": statistics.median(ours) / statistics.median(raw_fused),
+        "ms_per_step_by_phase": phases,
         "torch": torch.__version__,
         "pyro": __import__("pyro").__version__,
         "threads": torch.get_num_threads(),

@@ -26,7 +26,7 @@ from .errors import ConfigError, PyrovaeError
 
 __all__ = ["main", "build_parser"]
 
-LOSSES = ("elbo", "meanfield", "iwae")
+LOSSES = ("elbo", "meanfield", "iwae", "jit")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -42,6 +42,10 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prior", default="standard", help=f"one of {sorted(PRIORS)}")
     g.add_argument("--family", default="diagonal", help=f"one of {sorted(FAMILIES)}")
     g.add_argument("--likelihood", default="bernoulli", help=f"one of {sorted(LIKELIHOODS)}")
+    g.add_argument(
+        "--network", default="mlp", choices=("mlp", "conv"),
+        help="encoder/decoder networks: mlp, or conv (convolutional, for images) (default: mlp)",
+    )
     g.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE",
         help="extra part option, e.g. --option scale=0.1 or --option num_transforms=4 (repeatable)",
@@ -77,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("training")
     g.add_argument("--loss", default="elbo", choices=LOSSES,
                    help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); "
-                   "iwae: RenyiELBO(alpha=0), the IWAE bound")
+                   "iwae: RenyiELBO(alpha=0), the IWAE bound; jit: JitTrace_ELBO (compiled)")
     g.add_argument("--num-particles", type=int, default=1, help="particles per datapoint (IWAE's k)")
     g.add_argument("--beta", type=float, default=1.0, help="weight on the KL term (default: 1)")
     g.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
@@ -179,7 +183,7 @@ def _load(dataset: str, split: str, root: Any, binarize: Any) -> Any:
 
 
 def _loss(name: str, num_particles: int) -> Any:
-    from pyro.infer import RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+    from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
     if num_particles < 1:
         raise ConfigError(f"--num-particles must be >= 1, got {num_particles}")
@@ -188,6 +192,11 @@ def _loss(name: str, num_particles: int) -> Any:
     if name == "meanfield":
         return TraceMeanField_ELBO(
             num_particles=num_particles, vectorize_particles=num_particles > 1
+        )
+    if name == "jit":
+        return JitTrace_ELBO(
+            num_particles=num_particles, vectorize_particles=num_particles > 1,
+            ignore_jit_warnings=True,
         )
     return RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=True)
 
@@ -381,6 +390,7 @@ def _train(args: argparse.Namespace) -> int:
         likelihood=args.likelihood,
         image_shape=tuple(train.image_shape),
         options=_parse_options(args.option),
+        network=args.network,
     )
     torch.manual_seed(args.seed)
     vae = build_vae(config, num_data=len(train))
