@@ -444,10 +444,10 @@ def gaps(
         seed=None if seed is None else seed + 1,
         progress=progress,
     )
-    optimal_parts, step_parts = [], []
-    for _, x, idx, n_steps, params in _optimized_batches(
+    optimized, steps = optimal_elbo(
         vae,
         data,
+        num_elbo_samples=num_elbo_samples,
         num_steps=num_steps,
         lr=lr,
         num_particles=num_particles,
@@ -455,17 +455,15 @@ def gaps(
         check_every=check_every,
         tol=tol,
         max_decays=max_decays,
+        max_rows=max_rows,
         seed=None if seed is None else seed + 2,
         progress=progress,
-    ):
-        optimal_parts.append(_mc_elbo(vae, x, idx, params, num_elbo_samples, max_rows))
-        step_parts.append(torch.full((x.shape[0],), n_steps, dtype=torch.long))
+    )
     # q* is the best member of the family, and the encoder's output is a member: when the
     # optimization ends below its start (gradient noise on a nearly optimal start), keep the start.
-    optimal = torch.maximum(torch.cat(optimal_parts), amortized.values)
+    optimal = torch.maximum(optimized, amortized.values)
     log_px = ll.values
     khat = ll.khat if ll.khat is not None else torch.full_like(ll.values, float("nan"))
-    steps = torch.cat(step_parts)
     settings = {
         "num_samples": num_samples,
         "num_elbo_samples": num_elbo_samples,

@@ -17,6 +17,16 @@ def _seed_and_clear() -> None:
     pyro.clear_param_store()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny networks: on a shared 2-core machine two threads
+    make them ~10x slower (each op is too small to split)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def float64():
     """Run a test in float64 (numerics against closed forms)."""

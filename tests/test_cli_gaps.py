@@ -23,12 +23,7 @@ GAPS = ["--eval-points", "12", "--num-samples", "40", "--num-elbo-samples", "20"
         "--num-steps", "30", "--seed", "3", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ TINY = ["--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--eval-poi
         "--num-samples", "10", "--no-progress"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(

@@ -22,13 +22,7 @@ TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20", "--nu
 STEPS_PER_EPOCH = 54  # 5,400 training digits (10% of 6,000 held out), batch 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two threads on a shared 2-core machine are ~10x slower for these tiny networks."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(*args: str) -> int:

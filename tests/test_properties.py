@@ -52,11 +52,8 @@ VALID: dict[str, int] = {}
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _report(one_thread):
     yield
-    torch.set_num_threads(old)
     print("\ngenerated calls (valid / all):")
     for name in sorted(TRIED):
         print(f"  {name:28s} {VALID.get(name, 0):4d} / {TRIED[name]:4d}")
