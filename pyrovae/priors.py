@@ -8,6 +8,7 @@ inside the ``"data"`` plate, which broadcasts it over the minibatch (and over ve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import pyro.distributions as dist
@@ -43,6 +44,70 @@ class Prior(nn.Module):
 
     def forward(self) -> dist.Distribution:  # pragma: no cover - abstract
         raise NotImplementedError
+
+
+class DiagonalNormalMixture(dist.MixtureSameFamily):
+    r"""A mixture of diagonal Gaussians whose ``log_prob`` costs two matrix products.
+
+    :math:`\log \mathcal N(z; \mu_c, \mathrm{diag}\,\sigma_c^2)` for every row ``z`` and
+    component ``c`` expands into :math:`-\tfrac12 (z^2 \cdot \sigma_c^{-2} - 2 z \cdot \mu_c
+    \sigma_c^{-2} + \mu_c^2 \cdot \sigma_c^{-2}) - \sum_d \log \sigma_{cd} - \tfrac D2 \log 2\pi`,
+    i.e. ``(rows, D) @ (D, C)`` products instead of a ``(rows, C, D)`` tensor: for the VampPrior's
+    500 components this is ~20x faster than :class:`~pyro.distributions.MixtureSameFamily` and
+    needs no ``rows x C x D`` memory. The quadratic form is accumulated in float64 (its three
+    terms are large and cancel when the component scales are small). Sampling is inherited.
+
+    :param logits: mixture logits, shape ``(C,)``.
+    :param loc, scale: component parameters, shape ``(C, D)``.
+    """
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+        self._loc, self._scale = loc, scale
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        new = self._get_checked_instance(DiagonalNormalMixture, _instance)
+        batch_shape = torch.Size(batch_shape)
+        num_components = self._loc.shape[0]
+        dist.MixtureSameFamily.__init__(
+            new,
+            self.mixture_distribution.expand(batch_shape),
+            self.component_distribution.expand(batch_shape + (num_components,)),
+            validate_args=False,
+        )
+        new._loc, new._scale = self._loc, self._scale
+        new._validate_args = self._validate_args
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        loc, scale = self._loc.double(), self._scale.double()
+        z = value.double()
+        precision = scale.pow(-2)  # (C, D)
+        quad = (
+            z.pow(2) @ precision.T
+            - 2 * z @ (loc * precision).T
+            + (loc.pow(2) * precision).sum(-1)
+        )  # (..., C)
+        log_norm = scale.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_weights = torch.log_softmax(self.mixture_distribution.logits.double(), -1)
+        out = torch.logsumexp(log_weights - log_norm - 0.5 * quad, -1)
+        return out.to(value.dtype)
+
+
+def _diagonal_mixture(logits: torch.Tensor, components: dist.Distribution) -> dist.Distribution:
+    """``MixtureSameFamily``, through :class:`DiagonalNormalMixture` when the components are
+    ``Independent(Normal)`` with one batch dimension (the mixture's)."""
+    base = getattr(components, "base_dist", None)
+    if (
+        isinstance(components, dist.Independent)
+        and components.reinterpreted_batch_ndims == 1
+        and type(base) in (dist.Normal, torch.distributions.Normal)
+        and len(components.batch_shape) == 1
+    ):
+        return DiagonalNormalMixture(logits, base.loc, base.scale)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 class StandardNormal(Prior):
@@ -123,8 +188,7 @@ class MixtureOfGaussians(Prior):
 
     def forward(self) -> dist.Distribution:
         scales = F.softplus(self.raw_scales) + self.min_scale
-        components = dist.Normal(self.locs, scales).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalNormalMixture(self.logits, self.locs, scales)
 
 
 class VampPrior(Prior):
@@ -237,7 +301,7 @@ class VampPrior(Prior):
         components = self._family[0](self.pseudo_inputs, None)
         u = self.raw_pseudo_inputs
         logits = torch.zeros(self.num_pseudo_inputs, device=u.device, dtype=u.dtype)
-        return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
+        return _diagonal_mixture(logits, components)
 
 
 class FlowPrior(Prior):
