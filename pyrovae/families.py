@@ -126,7 +126,36 @@ def _diagonal_normal(params: Params, min_scale: float) -> dist.Distribution:
     return dist.Normal(params["loc"], scale).to_event(1)
 
 
-class DiagonalNormal(Family):
+class _GaussianHeads(Family):
+    """Shared part of the amortized Gaussian families: an encoder giving features ``h``, and two
+    linear heads on ``h`` for the location and the raw scale parameters (``scale_size`` of them,
+    under the local-parameter name ``scale_key``)."""
+
+    scale_key = "raw_scale"
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        latent_dim: int,
+        scale_size: int,
+        feature_dim: int | None,
+        min_scale: float,
+    ) -> None:
+        super().__init__(latent_dim)
+        self.encoder = encoder
+        self.feature_dim = _feature_dim(encoder, feature_dim)
+        self.min_scale = check_positive_float(min_scale, "min_scale")
+        self.loc_head = nn.Linear(self.feature_dim, self.latent_dim)
+        self.scale_head = nn.Linear(self.feature_dim, scale_size)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def params_from_features(self, h: torch.Tensor) -> Params:
+        return {"loc": self.loc_head(h), self.scale_key: self.scale_head(h)}
+
+
+class DiagonalNormal(_GaussianHeads):
     r"""Amortized diagonal Gaussian :math:`q(z \mid x) = \mathcal N(\mu(x), \mathrm{diag}\,\sigma(x)^2)`.
 
     The encoder maps ``x`` to features ``h`` of shape ``(batch, feature_dim)``; two linear heads
@@ -156,24 +185,14 @@ class DiagonalNormal(Family):
         feature_dim: int | None = None,
         min_scale: float = 1e-5,
     ) -> None:
-        super().__init__(latent_dim)
-        self.encoder = encoder
-        self.feature_dim = _feature_dim(encoder, feature_dim)
-        self.min_scale = check_positive_float(min_scale, "min_scale")
-        self.loc_head = nn.Linear(self.feature_dim, self.latent_dim)
-        self.scale_head = nn.Linear(self.feature_dim, self.latent_dim)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def params_from_features(self, h: torch.Tensor) -> Params:
-        return {"loc": self.loc_head(h), "raw_scale": self.scale_head(h)}
+        latent_dim = check_positive_int(latent_dim, "latent_dim")
+        super().__init__(encoder, latent_dim, latent_dim, feature_dim, min_scale)
 
     def distribution_from_params(self, params: Params) -> dist.Distribution:
         return _diagonal_normal(params, self.min_scale)
 
 
-class FullRankNormal(Family):
+class FullRankNormal(_GaussianHeads):
     r"""Amortized full-covariance Gaussian :math:`q(z \mid x) = \mathcal N(\mu(x), L(x) L(x)^\top)`.
 
     Linear heads on the encoder's features give :math:`\mu` and the ``latent_dim * (latent_dim +
@@ -189,6 +208,8 @@ class FullRankNormal(Family):
     :param min_scale: a floor on the diagonal of :math:`L`.
     """
 
+    scale_key = "raw_scale_tril"
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -197,20 +218,9 @@ class FullRankNormal(Family):
         feature_dim: int | None = None,
         min_scale: float = 1e-5,
     ) -> None:
-        super().__init__(latent_dim)
-        self.encoder = encoder
-        self.feature_dim = _feature_dim(encoder, feature_dim)
-        self.min_scale = check_positive_float(min_scale, "min_scale")
-        n = self.latent_dim
+        n = check_positive_int(latent_dim, "latent_dim")
+        super().__init__(encoder, n, n * (n + 1) // 2, feature_dim, min_scale)
         self.register_buffer("tril_indices", torch.tril_indices(n, n), persistent=False)
-        self.loc_head = nn.Linear(self.feature_dim, n)
-        self.scale_head = nn.Linear(self.feature_dim, n * (n + 1) // 2)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder(x)
-
-    def params_from_features(self, h: torch.Tensor) -> Params:
-        return {"loc": self.loc_head(h), "raw_scale_tril": self.scale_head(h)}
 
     def scale_tril(self, raw_scale_tril: torch.Tensor) -> torch.Tensor:
         r"""``(..., n(n+1)/2) -> (..., n, n)``: the Cholesky factor :math:`L` from raw entries."""
