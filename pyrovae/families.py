@@ -221,6 +221,12 @@ class FullRankNormal(_GaussianHeads):
         n = check_positive_int(latent_dim, "latent_dim")
         super().__init__(encoder, n, n * (n + 1) // 2, feature_dim, min_scale)
         self.register_buffer("tril_indices", torch.tril_indices(n, n), persistent=False)
+        # Start as the diagonal family: with the default init, the n(n-1)/2 off-diagonal entries
+        # of L would each be O(0.5), z's initial spread O(sqrt(n)), and training much slower.
+        with torch.no_grad():
+            rows, cols = self.tril_indices
+            self.scale_head.weight[rows != cols] = 0.0
+            self.scale_head.bias[rows != cols] = 0.0
 
     def scale_tril(self, raw_scale_tril: torch.Tensor) -> torch.Tensor:
         r"""``(..., n(n+1)/2) -> (..., n, n)``: the Cholesky factor :math:`L` from raw entries."""

@@ -633,3 +633,12 @@ def test_diagonal_mixture_log_prob_matches_mixture_same_family(dtype):
     d = DiagonalNormalMixture(logits, loc, scale).expand((11,))
     assert d.batch_shape == (11,) and d.sample((3,)).shape == (3, 11, 5)
     assert_close(d.log_prob(z), ref, rtol=tol, atol=tol)
+
+
+def test_full_rank_family_starts_diagonal():
+    """A fresh FullRankNormal's Cholesky factor is diagonal (its off-diagonal head starts at 0),
+    so it starts where DiagonalNormal does instead of with an O(sqrt(n)) spread."""
+    q = FullRankNormal(MLP(6, (), 8, activate_output=True), 5)
+    scale_tril = q(torch.randn(4, 6), None).scale_tril
+    assert_close(scale_tril, torch.diag_embed(torch.diagonal(scale_tril, dim1=-2, dim2=-1)))
+    assert bool((torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0).all())
