@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -59,6 +61,8 @@ __all__ = [
     "save_config",
     "read_config",
     "checkpoint_path",
+    "save_train_state",
+    "load_train_state",
 ]
 
 #: File name of the latest checkpoint inside a run folder.
@@ -118,7 +122,12 @@ def _atomic_write(target: Path, write: Any) -> None:
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            try:
+                write(f)
+            except RuntimeError as e:
+                # torch.save's zip writer reports a failed write (a full disk, a quota) as
+                # "[enforce fail at inline_container.cc] ... unexpected pos": make it an OSError.
+                raise OSError(errno.EIO, f"write failed ({_first_line(e)})") from None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -127,6 +136,37 @@ def _atomic_write(target: Path, write: Any) -> None:
             tmp.unlink()
         raise
     _fsync_dir(target.parent)
+
+
+def _payload_bytes(obj: Any) -> int:
+    """About how many bytes ``torch.save(obj)`` writes: the tensors' bytes (the rest is small)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_payload_bytes(v) for v in obj.values()) + 64 * len(obj)
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj) + 16 * len(obj)
+    return 16
+
+
+def _write_error(target: Path, e: OSError, payload: Any) -> CheckpointError:
+    """One line for a failed write: for a full disk, the folder, the space needed and free."""
+    needed = _payload_bytes(payload) + 64 * 1024
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    if e.errno in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < needed):
+        have = f", {free / 2**20:.1f} MiB free" if free is not None else ""
+        kept = " (the previous checkpoint is intact)" if target.exists() else ""
+        return CheckpointError(
+            f"cannot write checkpoint {target}: {e.strerror or 'No space left on device'}{kept}: "
+            f"the folder {target.parent} needs about {needed / 2**20:.1f} MiB{have}; free space "
+            "there, then resume the run"
+        )
+    return CheckpointError(
+        f"cannot write checkpoint {target}: {e.strerror or e}; check the folder exists and is writable"
+    )
 
 
 # ---------------------------------------------------------------------------------- description
@@ -229,10 +269,86 @@ def save_checkpoint(
     try:
         _atomic_write(target, lambda f: torch.save(payload, f))
     except OSError as e:
-        raise CheckpointError(
-            f"cannot write checkpoint {target}: {e.strerror or e}; check the folder exists and is writable"
-        ) from None
+        raise _write_error(target, e, payload) from None
     return target
+
+
+def save_train_state(
+    path: str | os.PathLike[str], state: Any, *, config: Any = None, rng: list[Any] | None = None
+) -> Path:
+    """Write a :class:`~pyrovae.training.TrainState` atomically: the model, the optimizer, the
+    history and ``training_state`` (position, running sums, settings, RNG states), plain data
+    and tensors only.
+
+    :param path: a run folder or a checkpoint file.
+    :param state: the :class:`~pyrovae.training.TrainState`.
+    :param config: the :class:`~pyrovae.build.VAEConfig`, so :func:`load_model` can rebuild it.
+    :param rng: every process's RNG states (rank order); default: this process's.
+    """
+    from .training import _rng_state
+
+    rng = list(rng) if rng is not None else [_rng_state()]
+    training_state: dict[str, Any] = {
+        "epoch": int(state.epoch),  # the epoch in progress (0-based); == epochs done when batch == 0
+        "batch": int(state.batch),  # minibatches of that epoch already consumed
+        "seed": int(state.seed),
+        "rng": rng[0],
+        "partial": {
+            "total": float(state.objective_sum),
+            "count": int(state.datapoints),
+            "seconds": float(state.seconds),
+        },
+        "bad_streak": int(state.bad_streak),
+        "settings": dict(state.settings),
+    }
+    if len(rng) > 1:
+        training_state["rng_ranks"] = rng
+    return save_checkpoint(
+        path, state.vae, state.optimizer, history=state.history, config=config,
+        training_state=training_state,
+    )
+
+
+def load_train_state(
+    path: str | os.PathLike[str], vae: Any = None, optimizer: torch.optim.Optimizer | None = None
+) -> Any:
+    """Read the :class:`~pyrovae.training.TrainState` of a checkpoint written by
+    :func:`pyrovae.fit` (this version's or an earlier one's), loading the model and optimizer
+    state into ``vae`` and ``optimizer`` when given.
+
+    :raises CheckpointError: as :func:`load_checkpoint`, or if the checkpoint holds no training
+        state.
+    """
+    from .training import History, TrainState
+
+    ckpt = load_checkpoint(path, vae=vae, optimizer=optimizer)
+    target = checkpoint_path(path)
+    ts = ckpt.get("training_state")
+    required = ("epoch", "batch", "seed", "rng", "partial", "bad_streak", "settings")
+    if not isinstance(ts, dict) or any(k not in ts for k in required) or not isinstance(
+        ckpt.get("history"), dict
+    ):
+        raise CheckpointError(
+            f"checkpoint {target} holds no training state; resume needs a checkpoint written by "
+            "pyrovae.fit(checkpoint_dir=...)"
+        )
+    partial = ts["partial"]
+    streak = int(ts["bad_streak"])
+    return TrainState(
+        vae=vae,
+        optimizer=optimizer,
+        seed=int(ts["seed"]),
+        epoch=int(ts["epoch"]),
+        batch=int(ts["batch"]),
+        history=History.from_dict(ckpt["history"]),
+        settings=dict(ts["settings"]),
+        objective_sum=torch.tensor(float(partial["total"]), dtype=torch.float64),
+        datapoints=torch.tensor(int(partial["count"]), dtype=torch.int64),
+        seconds=float(partial["seconds"]),
+        bad_streak=torch.tensor(streak, dtype=torch.int64),
+        reported_streak=streak,
+        rng=list(ts.get("rng_ranks") or [ts["rng"]]),
+    )
 
 
 def save_config(run_dir: str | os.PathLike[str], config: Any, **run_info: Any) -> Path:

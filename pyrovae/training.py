@@ -1,8 +1,28 @@
 r"""Training by stochastic variational inference (AEVB, Kingma & Welling 2014).
 
-Each step draws a minibatch ``(x, idx)``, evaluates a Pyro loss on ``vae.model`` and ``vae.guide``
-(the ``"data"`` plate scales it to the whole training set, so it is an unbiased estimate of the
-full-data negative ELBO) and takes one optimizer step on its reparameterized gradient.
+Three pieces, in the spirit of NumPyro's ``SVIState`` / ``SVI.update`` / ``SVI.run``:
+
+- :class:`TrainState`: everything training needs to go on: the model and its optimizer, where
+  training stands (epoch, minibatch), the :class:`History`, the running sums of the epoch in
+  progress and the seed. :mod:`pyrovae.checkpoint` alone serializes it (tensors and plain data,
+  read back with ``weights_only=True``), together with every random number generator's state.
+- :func:`train_step`: one SVI step, ``train_step(state, x, idx, objective) -> (state, loss)``.
+  It owns the loss, the gradient (all-reduced across processes under ``torchrun``), clipping and
+  the skipping of non-finite steps, all without a host synchronization.
+- :func:`fit`: the loop: minibatches in a reproducible order, then hooks for progress,
+  checkpoints, validation and the user's callbacks. Resuming is loading a :class:`TrainState`.
+
+Each step draws a minibatch ``(x, idx)`` and evaluates a Pyro loss on ``vae.model`` and
+``vae.guide`` (the ``"data"`` plate scales it to the whole training set, so it estimates the
+negative ELBO of all :math:`N` datapoints):
+
+.. math::
+
+    \mathcal L_\beta(\theta, \phi) = \frac{N}{B} \sum_{i \in \text{batch}}
+        \Big( E_{q_\phi(z|x_i)}[\log p_\theta(x_i|z)] - \beta\, KL(q_\phi(z|x_i) \,\|\, p(z)) \Big),
+
+with :math:`\beta` passed to model and guide as the keyword ``kl_weight`` (it scales the ``"z"``
+site), never stored on the model.
 
 Reliability (see ``docs/reliability.md``): with ``checkpoint_dir`` set, :func:`fit` writes an atomic
 checkpoint after every epoch (and every ``checkpoint_every_steps`` steps) and ``resume=`` continues
@@ -10,6 +30,8 @@ from it, bit-for-bit as if never interrupted: each epoch's minibatch order is dr
 seeded by ``(seed, epoch)``, and every global RNG state is saved with the checkpoint. A step whose
 loss or gradient is NaN or infinite is skipped (a :class:`~pyrovae.errors.NumericalWarning`);
 ``max_bad_steps`` of them in a row stop training with :class:`~pyrovae.errors.TrainingError`.
+SIGTERM (a scheduler's preemption) finishes the step in progress, writes a checkpoint and raises
+:class:`Preempted`; ``pyrovae train`` then exits with :data:`EXIT_PREEMPTED` (75).
 """
 
 from __future__ import annotations
@@ -17,12 +39,14 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyro
@@ -30,24 +54,52 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int, to_device
 from .errors import CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .importance import elbo as elbo_estimate
 
-__all__ = ["History", "fit"]
+__all__ = [
+    "History",
+    "TrainState",
+    "Objective",
+    "Callback",
+    "Preempted",
+    "EXIT_PREEMPTED",
+    "objective",
+    "train_step",
+    "fit",
+]
+
+#: Exit status of ``pyrovae train`` after SIGTERM: the run stopped cleanly at a checkpoint and
+#: continues with ``pyrovae train --resume RUN`` (``EX_TEMPFAIL`` of sysexits.h: "try again").
+EXIT_PREEMPTED = 75
+
+
+class Preempted(TrainingError):
+    """Training stopped on SIGTERM after writing a checkpoint; resume to continue exactly.
+
+    :ivar checkpoint: the checkpoint file written (``None`` without ``checkpoint_dir``).
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 @dataclass
 class History:
     """What :func:`fit` measured, one entry per epoch.
 
-    :ivar train_elbo: the training objective per datapoint (nats), averaged over the epoch's
-        minibatches: the ELBO for ``Trace_ELBO`` (with ``beta=1`` and no warm-up; else the
-        KL-weighted objective), the IWAE bound for ``RenyiELBO(alpha=0)``. Skipped (non-finite)
-        steps are left out of the average.
-    :ivar validation_elbo: the validation ELBO per datapoint (nats), or ``None`` without
-        validation data.
+    :ivar objective: what ``train_objective`` holds: ``"elbo"`` for ``Trace_ELBO`` and
+        ``TraceMeanField_ELBO``, ``"beta-elbo(β=0.5)"`` with ``beta=0.5``, ``"iwae(k=5)"`` for
+        ``RenyiELBO(alpha=0, num_particles=5)``, with ``" + KL warm-up (E epochs)"`` appended when
+        the KL weight was annealed (those epochs' numbers are of the down-weighted objective).
+    :ivar train_objective: the training objective per datapoint (nats), averaged over the epoch's
+        minibatches (skipped, non-finite steps left out). ``train_elbo`` is the same list.
+    :ivar validation_elbo: the validation ELBO per datapoint (nats; always the plain ELBO, with
+        ``β = 1``), or ``None`` without validation data.
     :ivar epoch_seconds: wall time of each epoch (validation excluded).
     :ivar num_steps: minibatch steps in all, including skipped ones.
     :ivar skipped_steps: steps whose update was skipped because the loss or a gradient was NaN
@@ -55,7 +107,8 @@ class History:
     :ivar resumed_at_step: the step counts at which training was resumed from a checkpoint.
     """
 
-    train_elbo: list[float] = field(default_factory=list)
+    objective: str = "elbo"
+    train_objective: list[float] = field(default_factory=list)
     validation_elbo: list[float | None] = field(default_factory=list)
     epoch_seconds: list[float] = field(default_factory=list)
     num_steps: int = 0
@@ -63,19 +116,176 @@ class History:
     resumed_at_step: list[int] = field(default_factory=list)
 
     @property
+    def train_elbo(self) -> list[float]:
+        """The training objective per epoch (an alias of ``train_objective``; see ``objective``
+        for which objective it is)."""
+        return self.train_objective
+
+    @property
     def num_epochs(self) -> int:
-        return len(self.train_elbo)
+        return len(self.train_objective)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data (``train_elbo`` included as a copy of ``train_objective``)."""
+        d = asdict(self)
+        d["train_elbo"] = list(self.train_objective)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> History:
-        """The inverse of :meth:`to_dict` (unknown keys are ignored)."""
+        """The inverse of :meth:`to_dict`; also reads histories written before ``objective``
+        existed (``train_elbo`` only). Unknown keys are ignored."""
+        d = dict(d)
+        if "train_objective" not in d and "train_elbo" in d:
+            d["train_objective"] = d["train_elbo"]
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# ------------------------------------------------------------------------------------ objective
+@dataclass(frozen=True)
+class Objective:
+    r"""What a step minimizes: a Pyro loss of the VAE's model and guide, and the KL weight.
+
+    The weight at a point of training, with ``progress`` counted in epochs (this step included),
+    is :math:`w = \beta \min(1, \text{progress} / E_\text{warm-up})`, or :math:`\beta` without
+    warm-up (Sønderby et al. 2016). Build one with :func:`objective`.
+
+    :ivar loss: the Pyro loss (``Trace_ELBO()``, ``RenyiELBO(alpha=0, ...)``, ...).
+    :ivar model, guide: the Pyro program the loss runs. They register the parameters as Pyro
+        ``param`` sites only for losses that find what to differentiate through them (those
+        without ``differentiable_loss``, and the JIT ones); the optimizer holds the parameters.
+    :ivar beta: the KL weight after warm-up.
+    :ivar kl_warmup_epochs: epochs of linear warm-up, 0 for none.
+    :ivar name: what the loss estimates, for :attr:`History.objective`.
+    """
+
+    loss: Any
+    model: Callable[..., Any]
+    guide: Callable[..., Any]
+    beta: float = 1.0
+    kl_warmup_epochs: float = 0.0
+    name: str = "elbo"
+
+    def kl_weight(self, progress: float) -> float:
+        """The KL weight after ``progress`` epochs (> 0: a zero scale is refused by Pyro)."""
+        if not self.kl_warmup_epochs:
+            return self.beta
+        return self.beta * min(1.0, progress / self.kl_warmup_epochs)
+
+
+def _is_jit(loss: Any) -> bool:
+    from pyro.infer import JitTraceMeanField_ELBO, JitTrace_ELBO
+
+    return isinstance(loss, (JitTrace_ELBO, JitTraceMeanField_ELBO))
+
+
+def _objective_name(loss: Any, beta: float, kl_warmup_epochs: float) -> str:
+    from pyro.infer import RenyiELBO
+
+    base = getattr(loss, "objective", None)  # a loss may declare what it estimates
+    if not isinstance(base, str):
+        if isinstance(loss, RenyiELBO):
+            k = loss.num_particles
+            base = f"iwae(k={k})" if loss.alpha == 0 else f"renyi(α={loss.alpha:g}, k={k})"
+        else:
+            base = "elbo"
+    if beta != 1.0:
+        head, paren, rest = base.partition("(")
+        base = f"beta-{head}({rest[:-1]}, β={beta:g})" if paren else f"beta-{base}(β={beta:g})"
+    if kl_warmup_epochs:
+        base += f" + KL warm-up ({kl_warmup_epochs:g} epochs)"
+    return base
+
+
+def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0) -> Objective:
+    """The :class:`Objective` for training ``vae`` with ``loss`` (default ``Trace_ELBO()``).
+
+    A vectorized loss whose ``max_plate_nesting`` is unset gets the VAE's (one ``"data"`` plate,
+    plus one for the vectorized particles), so Pyro need not guess it by running the model,
+    which would draw from the global RNG at the first step.
+    """
+    if loss is None:
+        loss = Trace_ELBO()
+    if not isinstance(loss, ELBO):
+        raise ConfigError(
+            f"loss must be a Pyro ELBO such as pyro.infer.Trace_ELBO(), got {type(loss).__name__}"
+        )
+    if _is_jit(loss) and kl_warmup_epochs:
+        raise ConfigError(
+            "a JIT loss compiles the KL weight as a constant, so KL warm-up would recompile it at "
+            "every step; use Trace_ELBO() (or no warm-up) with kl_warmup_epochs"
+        )
+    if getattr(loss, "vectorize_particles", False) and loss.max_plate_nesting == math.inf:
+        loss.max_plate_nesting = getattr(vae, "max_plate_nesting", 1) + (loss.num_particles > 1)
+    # Trace_ELBO-like losses differentiate a tensor built from the module's own parameters; the
+    # rest look for "param" sites (RenyiELBO's loss_and_grads, the JIT's parameter capture).
+    registers = _is_jit(loss) or not hasattr(loss, "differentiable_loss")
+    model, guide = (vae.model, vae.guide) if registers else (vae._model, vae._guide)
+    return Objective(loss, model, guide, float(beta), float(kl_warmup_epochs),
+                     _objective_name(loss, float(beta), float(kl_warmup_epochs)))
+
+
+# ---------------------------------------------------------------------------------- train state
+@dataclass
+class TrainState:
+    """Where training stands; :func:`train_step` advances it, :mod:`pyrovae.checkpoint` saves it.
+
+    :ivar vae: the model (its ``state_dict`` is the model state).
+    :ivar optimizer: its optimizer (its ``state_dict`` is the optimizer state).
+    :ivar seed: the run's seed (minibatch orders are drawn from ``(seed, epoch)``).
+    :ivar epoch: the epoch in progress, from 0 (equal to the epochs done when ``batch == 0``).
+    :ivar batch: minibatches of that epoch already done.
+    :ivar history: per-epoch results so far.
+    :ivar settings: what a resumed run must match (``num_data``, ``batch_size``, ``loss``, ...).
+    :ivar objective_sum: device scalar, the epoch's sum over the datapoints of its good steps of
+        the per-datapoint objective (so that ``objective_sum / datapoints`` is the epoch's mean).
+    :ivar datapoints: device scalar, datapoints in the epoch's good steps.
+    :ivar seconds: training time already spent in this epoch before the current session.
+    :ivar bad_streak: device scalar, non-finite steps in a row.
+    :ivar stopped: device scalar, set when ``bad_streak`` reached the limit: later updates are
+        skipped until the host notices (at the next synchronization) and raises.
+    :ivar unreported: ``(step, epoch, loss, loss_bad, bad)`` of the steps not yet checked on the
+        host (device tensors), for warnings and the bad-streak error.
+    :ivar reported_streak: the bad streak as of the last host check.
+    :ivar rng: every process's RNG states (rank order) as read from a checkpoint; ``None`` for
+        a fresh run (the live states are the generators themselves).
+    """
+
+    vae: Any
+    optimizer: Any
+    seed: int
+    epoch: int = 0
+    batch: int = 0
+    history: History = field(default_factory=History)
+    settings: dict[str, Any] = field(default_factory=dict)
+    objective_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    datapoints: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    seconds: float = 0.0
+    bad_streak: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    stopped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
+    unreported: list[tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+        default_factory=list, repr=False
+    )
+    reported_streak: int = 0
+    rng: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    def to(self, device: torch.device) -> TrainState:
+        """Put the running sums on ``device`` (float64 where the device has it)."""
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self.objective_sum = self.objective_sum.to(device, dtype)
+        self.datapoints = self.datapoints.to(device)
+        self.bad_streak = self.bad_streak.to(device)
+        self.stopped = self.stopped.to(device)
+        return self
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.batch, self.seconds = epoch, 0, 0.0
+        self.objective_sum = torch.zeros_like(self.objective_sum)
+        self.datapoints = torch.zeros_like(self.datapoints)
+
+
+# ------------------------------------------------------------------------------ data and RNGs
 def _resolve_device(vae: torch.nn.Module, device: Any) -> torch.device:
     if device is None:
         p = next(iter(vae.parameters()), None)
@@ -156,124 +366,244 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
 
 
-def _minibatches(dataset: Any, order: Any) -> Any:
-    """Yield ``(x, idx)`` for each index tensor in ``order``, one gather each."""
-    for batch in order:
-        x, idx = dataset[batch]
-        yield torch.as_tensor(x), torch.as_tensor(idx)
-
-
-def _settle_plate_nesting(loss: ELBO, vae: Any, dataset: Any, device: torch.device) -> None:
-    """Let a vectorized loss guess ``max_plate_nesting`` now, on a forked RNG. Pyro guesses it by
-    running model and guide at the first step, drawing from the global RNG; doing that inside a
-    resumed run would shift every later draw."""
-    guess = getattr(loss, "_guess_max_plate_nesting", None)
-    if (
-        guess is None
-        or not getattr(loss, "vectorize_particles", False)
-        or getattr(loss, "max_plate_nesting", 0) != math.inf
-    ):
-        return
-    x, idx = dataset[torch.arange(min(2, len(dataset)))]
-    devices = [torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), pyro.validation_enabled(False):
-        state = (random.getstate(), np.random.get_state())
-        try:
-            guess(vae.model, vae.guide, (torch.as_tensor(x).to(device), torch.as_tensor(idx).to(device)), {})
-        finally:
-            random.setstate(state[0])
-            np.random.set_state(state[1])
-
-
-# ------------------------------------------------------------------------------ numerical faults
+# ------------------------------------------------------------------------------------------ step
 def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this torch and device have it (one kernel for all
     parameters instead of one small op per tensor: ~2 ms per step of a 784-400-400-50 VAE on a
-    CPU), else the default implementation. Both compute the same update."""
+    CPU), else the default implementation. Both compute the same update; the fused one can also
+    skip an update on the device (``found_inf``), without a host synchronization."""
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr)
 
 
-def _needs_param_sites(loss: Any) -> bool:
-    """Whether ``loss`` finds what to differentiate through the trace's "param" sites."""
-    from pyro.infer import JitTraceMeanField_ELBO, JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
-
-    if isinstance(loss, (JitTrace_ELBO, JitTraceMeanField_ELBO)):
-        return True
-    return not isinstance(loss, (Trace_ELBO, TraceMeanField_ELBO))
-
-
-def _grad_norm(params: list[torch.Tensor], clip_grad_norm: float | None) -> float:
-    """The total gradient 2-norm (one fused reduction), clipping first if asked; inf/NaN if any
-    gradient is not finite."""
+def _grad_norm(params: list[torch.Tensor], clip_grad_norm: float | None) -> torch.Tensor:
+    """The total gradient 2-norm as a device scalar, clipping first if asked (inf/NaN if a
+    gradient is not finite: then the step is skipped anyway)."""
     if clip_grad_norm is not None:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+        return torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    norms = torch._foreach_norm(grads)
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-# ----------------------------------------------------------------------------------- checkpoints
-def _resume_state(
-    resume: Any, checkpoint_dir: Path | None, vae: Any, optimizer: torch.optim.Optimizer,
-    settings: dict[str, Any],
-) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """Load the checkpoint named by ``resume`` into ``vae`` and ``optimizer``; return its path,
-    training state and history, after checking it can continue this run."""
-    from .checkpoint import checkpoint_path, load_checkpoint
+def _all_reduce_gradients(
+    params: list[torch.Tensor], value: torch.Tensor, share: float, group: Any
+) -> torch.Tensor:
+    r"""Replace each gradient and the loss by :math:`\sum_r s_r g_r` over the ranks, with
+    :math:`s_r = B_r / B` this rank's share of the global minibatch: one all-reduce of one flat
+    buffer. Returns the global loss."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [value.reshape(1).to(params[0].dtype)])
+    flat.mul_(share)
+    distributed._all_reduce_sum(flat, group)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return flat[-1].to(value.dtype)
+
+
+def train_step(
+    state: TrainState,
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    objective: Objective,
+    *,
+    kl_weight: float = 1.0,
+    clip_grad_norm: float | None = None,
+    max_bad_steps: int = 5,
+    batch_rows: int | None = None,
+    group: Any = None,
+) -> tuple[TrainState, torch.Tensor]:
+    r"""One SVI step on the minibatch ``(x, idx)``: loss, gradient, clipping, a guarded update.
+
+    The loss :math:`\hat{\mathcal L}` (an estimate of the whole training set's negative objective)
+    is differentiated; under ``torchrun`` the gradients of the ranks' shards are combined into
+    the gradient of the global minibatch (:func:`_all_reduce_gradients`). If the loss or the
+    gradient norm is not finite, or ``max_bad_steps`` such steps came in a row, the optimizer
+    skips the update on the device (the fused Adam's ``found_inf``): nothing is read back to
+    the host here, so a GPU never waits. :func:`fit` reports skipped steps later, in order.
+
+    :param state: the :class:`TrainState`; advanced in place and returned.
+    :param x: this process's rows, shape ``(b, num_features)``, on the model's device.
+    :param idx: their indices in the training set, shape ``(b,)``.
+    :param objective: the :class:`Objective` (loss, model, guide).
+    :param kl_weight: :math:`\beta` for this step, passed to model and guide.
+    :param clip_grad_norm: clip the total gradient 2-norm to this value.
+    :param max_bad_steps: non-finite steps in a row after which every update is skipped.
+    :param batch_rows: rows of the global minibatch (default ``len(idx)``: one process).
+    :param group: the process group (``None``: one process).
+    :returns: ``(state, loss)``, the loss a device scalar (float64), NaN/inf for a bad step.
+    """
+    vae, optimizer = state.vae, state.optimizer
+    params = [p for group_ in optimizer.param_groups for p in group_["params"]]
+    rows = len(idx) if batch_rows is None else batch_rows
+    device = state.objective_sum.device
+    loss = objective.loss
+    if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
+        value = torch.zeros((), dtype=torch.float64, device=device)
+    elif hasattr(loss, "differentiable_loss"):
+        value_t = loss.differentiable_loss(objective.model, objective.guide, x, idx, kl_weight=kl_weight)
+        value_t.backward()
+        value = value_t.detach().to(torch.float64)
+    else:  # e.g. RenyiELBO: backpropagates inside (and returns a float, read on the host)
+        value = torch.tensor(
+            loss.loss_and_grads(objective.model, objective.guide, x, idx, kl_weight=kl_weight),
+            dtype=torch.float64, device=device,
+        )
+    if group is not None:
+        value = _all_reduce_gradients(params, value, len(idx) / rows, group)
+    loss_bad = ~torch.isfinite(value)
+    bad = loss_bad | ~torch.isfinite(_grad_norm(params, clip_grad_norm)).to(device)
+    skip = bad | state.stopped
+    if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
+        optimizer.found_inf = skip.to(torch.float32)
+        optimizer.step()
+    elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # The loss estimates -objective of the whole training set: per datapoint, / num_data.
+    state.objective_sum = state.objective_sum + torch.where(
+        skip, 0.0, -value * (rows / vae.num_data)
+    ).to(state.objective_sum.dtype)
+    state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
+    state.bad_streak = torch.where(bad, state.bad_streak + 1, 0)
+    state.stopped = state.stopped | (state.bad_streak >= max_bad_steps)
+    state.history.num_steps += 1
+    state.batch += 1
+    state.unreported.append((state.history.num_steps, state.epoch, value, loss_bad, bad))
+    return state, value
+
+
+def _report(state: TrainState, max_bad_steps: int, ckpt_dir: Path | None) -> None:
+    """Read the unreported steps' flags back to the host (one synchronization): warn for each
+    skipped step, count them, and raise :class:`TrainingError` at the step where
+    ``max_bad_steps`` came in a row (later steps were not applied)."""
+    if not state.unreported:
+        return
+    records, state.unreported = state.unreported, []
+    flags = torch.stack([torch.stack([r[3], r[4]]) for r in records]).tolist()
+    streak = state.reported_streak
+    for (step, epoch, value, _, _), (loss_bad, bad) in zip(records, flags):
+        if not bad:
+            streak = 0
+            continue
+        streak += 1
+        state.history.skipped_steps += 1
+        what = f"loss {float(value)}" if loss_bad else "a non-finite gradient"
+        warnings.warn(
+            f"step {step} (epoch {epoch + 1}) had {what}; its update was skipped ({streak} in a "
+            f"row, training stops at {max_bad_steps})",
+            NumericalWarning,
+            stacklevel=3,
+        )
+        if streak >= max_bad_steps:
+            state.history.num_steps = step
+            where = f"; the last checkpoint in {ckpt_dir} is intact" if ckpt_dir else ""
+            raise TrainingError(
+                f"{streak} steps in a row (up to step {step}) had a NaN or infinite loss or "
+                f"gradient{where}; lower the learning rate "
+                f"(lr={state.optimizer.param_groups[0]['lr']}) or set clip_grad_norm"
+            )
+    state.reported_streak = streak
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """Rank 0 keeps ``seed`` (one process and rank 0 of many draw alike); other ranks draw
+    independent latent noise."""
+    return seed if rank == 0 else hash((seed, "rank", rank)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _gather(dataset: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The minibatch ``(x, idx)`` of ``indices``, on ``device`` (one gather; a host-to-device copy
+    goes through pinned memory, so it does not block the host)."""
+    x, idx = dataset[indices]
+    x, idx = torch.as_tensor(x), torch.as_tensor(idx)
+    if device.type == "cuda" and x.device.type == "cpu":
+        x, idx = x.pin_memory(), idx.pin_memory()
+    return x.to(device, non_blocking=True), idx.to(device, non_blocking=True)
+
+
+class _SignalFlag:
+    """Turn SIGTERM into a flag that the loop checks between steps (main thread only)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.raised, self._old = enabled, False, None
+
+    def __enter__(self) -> _SignalFlag:
+        if self.enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class Callback(Protocol):
+    """A hook of :func:`fit` (both methods optional). ``on_epoch_end`` runs after the epoch's
+    history entry and validation, before its checkpoint; under ``torchrun`` on rank 0 only."""
+
+    def on_step_end(self, state: TrainState) -> None: ...
+
+    def on_epoch_end(self, state: TrainState) -> None: ...
+
+
+class _EpochEndFunction:
+    """``on_epoch_end(epoch, history)``, :func:`fit`'s original callback form, as a hook."""
+
+    def __init__(self, fn: Callable[[int, History], None]) -> None:
+        self.fn = fn
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self.fn(state.epoch + 1, state.history)
+
+
+def _resume(
+    resume: Any, ckpt_dir: Path | None, vae: Any, optimizer: torch.optim.Optimizer,
+    settings: dict[str, Any], rank: int,
+) -> tuple[Path, TrainState]:
+    """Load the checkpoint named by ``resume`` into ``vae`` and ``optimizer`` and return its
+    :class:`TrainState`, after checking it can continue this run; restore this rank's RNGs."""
+    from .checkpoint import checkpoint_path, load_train_state
 
     if resume is True:
-        if checkpoint_dir is None:
+        if ckpt_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir=; or pass resume=<run folder or checkpoint file>")
-        path = checkpoint_path(checkpoint_dir)
+        path = checkpoint_path(ckpt_dir)
     elif isinstance(resume, (str, os.PathLike)):
         path = checkpoint_path(resume)
     else:
         raise ConfigError(
             f"resume must be True, False/None or a path to a run folder or checkpoint, got {resume!r}"
         )
-    ckpt = load_checkpoint(path, vae=vae, optimizer=optimizer)
-    state = ckpt.get("training_state")
-    required = ("epoch", "batch", "seed", "rng", "partial", "bad_streak", "settings")
-    if not isinstance(state, dict) or any(k not in state for k in required) or not isinstance(
-        ckpt.get("history"), dict
-    ):
-        raise CheckpointError(
-            f"checkpoint {path} holds no training state; resume needs a checkpoint written by "
-            "pyrovae.fit(checkpoint_dir=...)"
-        )
-    saved = state["settings"]
+    state = load_train_state(path, vae=vae, optimizer=optimizer)
+    saved = state.settings
     if saved.get("num_data") != settings["num_data"]:
         raise CheckpointError(
             f"checkpoint {path} was trained on {saved.get('num_data')} datapoints but train has "
             f"{settings['num_data']}; resume with the same training data"
         )
-    if state["batch"] > 0 and saved.get("batch_size") != settings["batch_size"]:
+    if state.batch > 0 and saved.get("batch_size") != settings["batch_size"]:
         raise CheckpointError(
             f"checkpoint {path} stopped inside an epoch trained with batch_size="
             f"{saved.get('batch_size')}; resume with batch_size={saved.get('batch_size')}"
         )
-    return path, state, ckpt["history"]
-
-
-def _training_state(
-    epoch: int, batch: int, seed: int, partial: tuple[float, int, float], bad_streak: int,
-    settings: dict[str, Any],
-) -> dict[str, Any]:
-    total, count, seconds = partial
-    return {
-        "epoch": epoch,  # the epoch in progress (0-based); == epochs completed when batch == 0
-        "batch": batch,  # minibatches of that epoch already consumed
-        "seed": seed,
-        "rng": _rng_state(),
-        "partial": {"total": float(total), "count": int(count), "seconds": float(seconds)},
-        "bad_streak": bad_streak,
-        "settings": settings,
-    }
+    rngs = state.rng or []
+    if rank < len(rngs) and saved.get("world_size", 1) == settings["world_size"]:
+        _set_rng_state(rngs[rank])
+    else:  # another number of processes: same data order, fresh latent noise on the new ranks
+        pyro.set_rng_seed(_rank_seed(state.seed + state.history.num_steps, rank))
+    state.settings = settings
+    return path, state
 
 
 # ------------------------------------------------------------------------------------------- fit
@@ -298,6 +628,8 @@ def fit(
     config: Any = None,
     clip_grad_norm: float | None = None,
     max_bad_steps: int = 5,
+    callbacks: Iterable[Any] = (),
+    process_group: Any = None,
 ) -> History:
     r"""Train ``vae`` by SVI on minibatches of ``train``.
 
@@ -307,36 +639,45 @@ def fit(
     :param loss: any Pyro ELBO: ``Trace_ELBO()`` (default), ``TraceMeanField_ELBO()`` (analytic
         KL), ``RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True)`` (IWAE).
     :param num_epochs: passes over ``train`` in all (a resumed run counts the epochs already done).
-    :param batch_size: datapoints per minibatch (at most ``len(train)``).
+    :param batch_size: datapoints per minibatch (at most ``len(train)``); under ``torchrun`` the
+        global minibatch, split across the processes (see :mod:`pyrovae.distributed`).
     :param lr: Adam's learning rate (a resumed run keeps the checkpoint's).
     :param validation: optional held-out data; its ELBO per datapoint is measured every epoch.
     :param seed: seeds Pyro and torch (every draw) and the minibatch order (epoch ``e`` uses a
         permutation seeded by ``(seed, e)``); ``None`` draws a seed from the global RNG. A resumed
         run uses the checkpoint's seed and RNG states.
-    :param device: where to train (default: where the model is). The model is moved there.
-    :param progress: show a tqdm progress bar with the running ELBO per datapoint.
+    :param device: where to train (default: where the model is). The model is moved there;
+        ``"cuda"`` under ``torchrun`` means each process's ``cuda:LOCAL_RANK``.
+    :param progress: show a tqdm progress bar with the running objective per datapoint.
     :param beta: weight on the KL term, :math:`E_q[\log p(x|z)] - \beta\,KL(q\|p)` (beta-VAE;
-        Higgins et al. 2017). It scales the ``"z"`` site in model and guide; the validation ELBO
-        and every log-likelihood are always of the unweighted model.
+        Higgins et al. 2017), passed to model and guide as ``kl_weight`` (it scales the ``"z"``
+        site). The validation ELBO and every log-likelihood are of the unweighted model.
     :param kl_warmup_epochs: raise the KL weight linearly from 0 to ``beta`` over this many epochs
         (Sønderby et al. 2016); 0 disables warm-up.
     :param on_epoch_end: called as ``on_epoch_end(epoch, history)`` after each epoch (``epoch``
-        counts from 1), e.g. to print progress or save pictures.
+        counts from 1), e.g. to print progress or save pictures (rank 0 only under torchrun).
     :param checkpoint_dir: a run folder: ``checkpoint.pt`` is written there atomically after
-        every epoch (after ``on_epoch_end``), and ``config.json`` once if a config is known.
+        every epoch (after ``on_epoch_end``), and ``config.json`` once if a config is known. With
+        it, SIGTERM finishes the current step, writes a checkpoint and raises :class:`Preempted`.
     :param checkpoint_every_steps: also write a checkpoint every this many steps (mid-epoch).
     :param resume: ``True`` to continue from ``checkpoint_dir``'s checkpoint, or the path of a
         run folder or checkpoint file (checkpoints then go on being written to ``checkpoint_dir``,
-        by default that folder). The model and optimizer state, the position in the epoch, the
-        RNG states and the history are restored, so the run ends exactly as an uninterrupted one.
+        by default that folder). The :class:`TrainState` (model, optimizer, position in the
+        epoch, RNG states, history) is restored, so the run ends exactly as an uninterrupted one.
     :param config: the :class:`~pyrovae.build.VAEConfig` the model was built from (default:
         ``vae.config`` if set), saved so that :func:`pyrovae.load_model` can rebuild the model.
     :param clip_grad_norm: if set, clip the total gradient 2-norm to this value every step.
     :param max_bad_steps: a step whose loss or gradient is NaN or infinite is skipped (parameters
         unchanged, a :class:`~pyrovae.errors.NumericalWarning`); this many in a row raise
         :class:`~pyrovae.errors.TrainingError` (the last checkpoint stays as it was).
+    :param callbacks: more hooks (:class:`Callback`): objects with ``on_step_end(state)`` and/or
+        ``on_epoch_end(state)``.
+    :param process_group: ``None`` (default): train data-parallel if ``torch.distributed`` is
+        initialized or the environment names peers (``torchrun``); ``False``: one process; or a
+        ``ProcessGroup``. See :mod:`pyrovae.distributed`.
     :returns: a :class:`History`.
-    :raises ConfigError, DataError, CheckpointError, TrainingError: see :mod:`pyrovae.errors`.
+    :raises ConfigError, DataError, CheckpointError, TrainingError, Preempted: see
+        :mod:`pyrovae.errors`.
 
     The optimizer is one ``torch.optim.Adam`` over all parameters (Pyro's ``pyro.optim.Adam``
     keeps one optimizer per tensor and is slower); the loss is Pyro's.
@@ -353,6 +694,12 @@ def fit(
         raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
     if on_epoch_end is not None and not callable(on_epoch_end):
         raise ConfigError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
+    hooks = list(callbacks) + ([_EpochEndFunction(on_epoch_end)] if on_epoch_end else [])
+    for hook in hooks:
+        if not (hasattr(hook, "on_step_end") or hasattr(hook, "on_epoch_end")):
+            raise ConfigError(
+                f"callbacks must have on_step_end(state) or on_epoch_end(state), got {type(hook).__name__}"
+            )
     if checkpoint_every_steps is not None:
         checkpoint_every_steps = check_positive_int(checkpoint_every_steps, "checkpoint_every_steps")
     if clip_grad_norm is not None:
@@ -367,16 +714,11 @@ def fit(
             raise ConfigError(f"checkpoint_dir {ckpt_dir} is a file; pass a folder")
     elif checkpoint_every_steps is not None:
         raise ConfigError("checkpoint_every_steps needs checkpoint_dir=<run folder>")
-    if loss is None:
-        loss = Trace_ELBO()
-    if not isinstance(loss, ELBO):
-        raise ConfigError(
-            f"loss must be a Pyro ELBO such as pyro.infer.Trace_ELBO(), got {type(loss).__name__}"
-        )
     if not isinstance(vae, torch.nn.Module) or not all(
-        hasattr(vae, a) for a in ("model", "guide", "check_data")
+        hasattr(vae, a) for a in ("model", "guide", "_model", "_guide", "check_data")
     ):
         raise ConfigError(f"vae must be a pyrovae.VAE, got {type(vae).__name__}")
+    obj = objective(vae, loss, beta=beta, kl_warmup_epochs=kl_warmup_epochs)
     num_data = getattr(vae, "num_data", None)
     train_set = as_dataset(train, "train")
     if num_data != len(train_set):
@@ -389,7 +731,10 @@ def fit(
             f"batch_size={batch_size} is larger than the {len(train_set)} training datapoints; "
             f"use batch_size <= {len(train_set)}"
         )
-    device = _resolve_device(vae, device)
+    device = distributed.local_device(_resolve_device(vae, device))
+    group = distributed.process_group(process_group, device)
+    rank, world = (distributed.rank(group), distributed.world_size(group)) if group else (0, 1)
+    main = rank == 0
     vae.to(device)
     _check_dataset(vae, train_set, "train", device)
     valid_set = None
@@ -398,142 +743,149 @@ def fit(
         _check_dataset(vae, valid_set, "validation", device)
 
     if seed is not None:
-        pyro.set_rng_seed(seed)
+        pyro.set_rng_seed(_rank_seed(seed, rank))
     run_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
+    if group is not None and seed is None:
+        run_seed = distributed._broadcast_object(run_seed, group)
+        pyro.set_rng_seed(_rank_seed(run_seed, rank))
 
     params = [p for p in vae.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the VAE has no trainable parameters")
     optimizer = _adam(params, lr)
-    # Losses with a differentiable_loss (Trace_ELBO, TraceMeanField_ELBO, JitTrace_ELBO) give a
-    # tensor to backpropagate; the rest (RenyiELBO) backpropagate inside loss_and_grads.
-    differentiable = hasattr(loss, "differentiable_loss")
     if config is None:
         config = getattr(vae, "config", None)
 
     n = len(train_set)
     steps_per_epoch = math.ceil(n / batch_size)
-    settings = {"batch_size": batch_size, "num_data": n, "loss": type(loss).__name__}
-    history = History()
-    start_epoch, start_batch, partial, bad_streak = 0, 0, (0.0, 0, 0.0), 0
+    settings = {"batch_size": batch_size, "num_data": n, "loss": type(obj.loss).__name__,
+                "world_size": world}
     if resume not in (None, False):
-        resume_path, state, saved_history = _resume_state(resume, ckpt_dir, vae, optimizer, settings)
+        resume_path, state = _resume(resume, ckpt_dir, vae, optimizer, settings, rank)
         if ckpt_dir is None:
             ckpt_dir = resume_path.parent
-        history = History.from_dict(saved_history)
-        history.resumed_at_step.append(history.num_steps)
-        start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
-        run_seed = int(state["seed"])
-        p = state["partial"]
-        partial = (float(p["total"]), int(p["count"]), float(p["seconds"]))
-        bad_streak = int(state["bad_streak"])
-        _set_rng_state(state["rng"])
-    if ckpt_dir is not None:
-        from .checkpoint import _remove_stale_temporaries, save_checkpoint, save_config
+        state.history.resumed_at_step.append(state.history.num_steps)
+        if not state.history.train_objective:
+            state.history.objective = obj.name
+    else:
+        state = TrainState(vae, optimizer, run_seed, history=History(objective=obj.name),
+                           settings=settings)
+        if group is not None:
+            distributed._broadcast_module(vae, group)
+    state.to(device)
+    if ckpt_dir is not None and main:
+        from .checkpoint import _remove_stale_temporaries, save_config
 
-        ckpt_file = ckpt_dir / "checkpoint.pt"
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(ckpt_file)
+        _remove_stale_temporaries(ckpt_dir / "checkpoint.pt")
         if config is not None:
             save_config(ckpt_dir, config)
 
-    def write_checkpoint(epoch: int, batch: int, partial: tuple[float, int, float]) -> None:
-        if ckpt_dir is not None:
-            save_checkpoint(
-                ckpt_dir, vae, optimizer, history=history, config=config,
-                training_state=_training_state(epoch, batch, run_seed, partial, bad_streak, settings),
-            )
+    def write_checkpoint() -> None:
+        """Rank 0 writes the :class:`TrainState` with every rank's RNG states; every rank
+        learns whether it worked (a full disk stops all of them with the same error)."""
+        if ckpt_dir is None:
+            return
+        _report(state, max_bad_steps, ckpt_dir)
+        rngs = distributed._gather_objects(_rng_state(), group) if group else [_rng_state()]
+        problem = None
+        if main:
+            from . import checkpoint
 
+            try:
+                checkpoint.save_train_state(ckpt_dir, state, config=config, rng=rngs)
+            except CheckpointError as e:
+                problem = str(e)
+        if group is not None:
+            problem = distributed._broadcast_object(problem, group)
+        if problem is not None:
+            raise CheckpointError(problem)
+
+    def stop_requested(flag: _SignalFlag) -> bool:
+        if group is None:
+            return flag.raised
+        votes = torch.tensor([float(flag.raised)], device=device)
+        distributed._all_reduce_sum(votes, group)
+        return bool(votes.item())
+
+    def preempted() -> Preempted:
+        where = f"; checkpoint {ckpt_dir / 'checkpoint.pt'}" if ckpt_dir else ""
+        return Preempted(
+            f"stopped on SIGTERM after step {state.history.num_steps} (epoch {state.epoch + 1}, "
+            f"minibatch {state.batch}){where}; continue with fit(..., resume={str(ckpt_dir)!r})",
+            ckpt_dir / "checkpoint.pt" if ckpt_dir else None,
+        )
+
+    # The host reads the device's step flags every `sync_every` steps (at once on a CPU, where
+    # that costs nothing), and before every checkpoint and epoch end.
+    sync_every = _SYNC_EVERY.get(device.type, _SYNC_EVERY["default"])
     vae.train()
-    _settle_plate_nesting(loss, vae, train_set, device)
-    # The optimizer holds the parameters, so the param store needs them only for losses that
-    # look for "param" sites (loss_and_grads, the JIT): skip pyro.module's per-step cost otherwise.
-    registered = vae._register
-    vae._register = _needs_param_sites(loss)
-    try:
-        for epoch in range(start_epoch, num_epochs):
-            first = start_batch if epoch == start_epoch else 0
-            total, count, seconds = partial if first else (0.0, 0, 0.0)
+    with _SignalFlag(ckpt_dir is not None) as sigterm:
+        for epoch in range(state.epoch, num_epochs):
+            if state.epoch != epoch or state.batch == 0:
+                state.start_epoch(epoch)
+            first = state.batch
             # Minibatches are gathered directly (a DataLoader iterator would draw a seed from the
             # global RNG at each epoch's start, which a mid-epoch resume could not replay).
-            order = _epoch_order(n, run_seed, epoch).split(batch_size)[first:]
-            start = time.perf_counter() - seconds
-            bar = tqdm(
-                _minibatches(train_set, order),
-                desc=f"epoch {epoch + 1}/{num_epochs}",
-                disable=not progress,
-                leave=False,
-                unit="batch",
-                total=steps_per_epoch,
-                initial=first,
-            )
+            order = _epoch_order(n, state.seed, epoch).split(batch_size)[first:]
+            start = time.perf_counter() - state.seconds
+            bar = tqdm(order, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not (progress and main),
+                       leave=False, unit="batch", total=steps_per_epoch, initial=first)
+            stop = False
             with pyro.validation_enabled(False):
-                for step, (x, idx) in enumerate(bar, start=first):
-                    # Warm-up counts this step as done, so the first weight is > 0 (a zero scale
-                    # is refused by poutine.scale).
-                    progress_epochs = epoch + (step + 1) / steps_per_epoch
-                    warm = min(1.0, progress_epochs / kl_warmup_epochs) if kl_warmup_epochs else 1.0
-                    vae.kl_weight = beta * warm
-                    x = x.to(device, non_blocking=True)
-                    idx = idx.to(device, non_blocking=True)
-                    if differentiable:
-                        value_t = loss.differentiable_loss(vae.model, vae.guide, x, idx)
-                        value = value_t.item()
-                        if math.isfinite(value):
-                            value_t.backward()
-                    else:
-                        value = loss.loss_and_grads(vae.model, vae.guide, x, idx)
-                    history.num_steps += 1
-                    if math.isfinite(value) and math.isfinite(_grad_norm(params, clip_grad_norm)):
-                        optimizer.step()
-                        bad_streak = 0
-                        # The loss estimates -ELBO of the whole training set: per datapoint, / num_data.
-                        total += -value / num_data * len(idx)
-                        count += len(idx)
-                    else:
-                        bad_streak += 1
-                        history.skipped_steps += 1
-                        what = f"loss {value}" if not math.isfinite(value) else "a non-finite gradient"
-                        warnings.warn(
-                            f"step {history.num_steps} (epoch {epoch + 1}) had {what}; its update was "
-                            f"skipped ({bad_streak} in a row, training stops at {max_bad_steps})",
-                            NumericalWarning,
-                            stacklevel=2,
-                        )
-                        if bad_streak >= max_bad_steps:
-                            where = f"; the last checkpoint in {ckpt_dir} is intact" if ckpt_dir else ""
-                            raise TrainingError(
-                                f"{bad_streak} steps in a row (up to step {history.num_steps}) had a "
-                                f"NaN or infinite loss or gradient{where}; lower the learning rate "
-                                f"(lr={optimizer.param_groups[0]['lr']}) or set clip_grad_norm"
-                            )
-                    optimizer.zero_grad(set_to_none=True)
-                    if progress and history.num_steps % 10 == 0 and count:
-                        bar.set_postfix(elbo=f"{total / count:.2f}")
-                    if (
-                        checkpoint_every_steps is not None
-                        and history.num_steps % checkpoint_every_steps == 0
-                        and step + 1 < steps_per_epoch
-                    ):
-                        write_checkpoint(epoch, step + 1, (total, count, time.perf_counter() - start))
+                for batch in bar:
+                    x, idx = _gather(train_set, distributed.shard(batch, rank, world), device)
+                    # Warm-up counts this step as done, so the first weight is > 0.
+                    w = obj.kl_weight(epoch + (state.batch + 1) / steps_per_epoch)
+                    train_step(state, x, idx, obj, kl_weight=w, clip_grad_norm=clip_grad_norm,
+                               max_bad_steps=max_bad_steps, batch_rows=len(batch), group=group)
+                    synced = state.history.num_steps % sync_every == 0
+                    if synced:
+                        _report(state, max_bad_steps, ckpt_dir)
+                        stop = stop_requested(sigterm)
+                        if progress and main and state.history.num_steps % 10 == 0:
+                            count = int(state.datapoints)
+                            if count:
+                                bar.set_postfix(objective=f"{float(state.objective_sum) / count:.2f}")
+                    for hook in hooks:
+                        if main and hasattr(hook, "on_step_end"):
+                            hook.on_step_end(state)
+                    mid_epoch = state.batch < steps_per_epoch
+                    every = checkpoint_every_steps
+                    if mid_epoch and (stop or (every and state.history.num_steps % every == 0)):
+                        state.seconds = time.perf_counter() - start
+                        write_checkpoint()
+                    if stop and mid_epoch:
+                        bar.close()
+                        raise preempted()
             bar.close()
-            vae.kl_weight = 1.0
+            _report(state, max_bad_steps, ckpt_dir)
+            history = state.history
             history.epoch_seconds.append(time.perf_counter() - start)
-            history.train_elbo.append(total / count if count else math.nan)
+            count = int(state.datapoints)
+            history.train_objective.append(float(state.objective_sum) / count if count else math.nan)
             if valid_set is not None:
-                history.validation_elbo.append(elbo_estimate(vae, valid_set, 1).mean)
+                value = elbo_estimate(vae, valid_set, 1).mean if main else None
+                history.validation_elbo.append(
+                    distributed._broadcast_object(value, group) if group else value
+                )
                 vae.train()
             else:
                 history.validation_elbo.append(None)
-            if not math.isfinite(history.train_elbo[-1]):
+            if not math.isfinite(history.train_objective[-1]):
                 raise TrainingError(
-                    f"the training ELBO became {history.train_elbo[-1]} in epoch {epoch + 1}; "
-                    "lower the learning rate"
+                    f"the training objective became {history.train_objective[-1]} in epoch "
+                    f"{epoch + 1}; lower the learning rate"
                 )
-            if on_epoch_end is not None:
-                on_epoch_end(epoch + 1, history)
-            write_checkpoint(epoch + 1, 0, (0.0, 0, 0.0))
-    finally:
-        vae.kl_weight = 1.0
-        vae._register = registered
-    return history
+            for hook in hooks:
+                if main and hasattr(hook, "on_epoch_end"):
+                    hook.on_epoch_end(state)
+            state.start_epoch(epoch + 1)
+            write_checkpoint()
+            if stop or stop_requested(sigterm):
+                raise preempted()
+    return state.history
+
+
+#: Steps between host reads of the device's step flags, by device type.
+_SYNC_EVERY = {"cpu": 1, "default": 32}

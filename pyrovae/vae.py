@@ -75,10 +75,6 @@ class VAE(PyroModule):
         # A per-instance name in Pyro's global param store, so that two VAEs in one process never
         # share parameters (plain pyro.infer.SVI finds the parameters through these sites).
         self._param_name = f"pyrovae_vae_{next(_instance_counter)}"
-        self._register = True
-        #: Weight on the ``"z"`` site in both model and guide, i.e. on the KL term of the ELBO
-        #: (beta-VAE, KL warm-up). :func:`pyrovae.fit` sets it; log-likelihoods ignore it.
-        self.kl_weight = 1.0
 
     # ------------------------------------------------------------------ Pyro program
     def _plate(self, x: torch.Tensor, idx: torch.Tensor | None) -> pyro.plate:
@@ -86,33 +82,52 @@ class VAE(PyroModule):
             idx = torch.arange(x.shape[0], device=x.device)
         return pyro.plate("data", self.num_data, subsample=idx)
 
-    def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def model(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> torch.Tensor:
         r"""The generative model: ``z ~ prior``, ``x ~ likelihood(z)`` in plate ``"data"``.
+
+        Registers the parameters as Pyro ``param`` sites (``pyro.module``), so that plain
+        ``pyro.infer.SVI`` finds them; :meth:`_model` is the same program without that.
 
         :param x: observed batch, shape ``(batch, num_features)``.
         :param idx: the batch's indices in the training set, shape ``(batch,)`` (default:
             ``arange(batch)``; only the count matters to the plate's scale).
+        :param kl_weight: :math:`\beta`, the scale of the ``"z"`` site here and in the guide, so
+            that the ELBO becomes :math:`E_q[\log p(x|z)] - \beta\,KL(q\|p)` (beta-VAE, KL
+            warm-up; Pyro's DMM example passes it as ``annealing_factor``). Losses forward it.
         :returns: the latent sample ``z``, shape ``(batch, latent_dim)``.
         """
-        if self._register:
-            pyro.module(self._param_name, self)
+        pyro.module(self._param_name, self)
+        return self._model(x, idx, kl_weight=kl_weight)
+
+    def _model(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> torch.Tensor:
         data = self._plate(x, idx)
-        with data, poutine.scale(scale=self.kl_weight):
+        with data, poutine.scale(scale=kl_weight):
             z = pyro.sample("z", self.prior())
         with data:
             pyro.sample("x", self.likelihood(z), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
+    def guide(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> torch.Tensor:
         r"""The amortized guide: ``z ~ family(x, idx)`` in plate ``"data"``.
 
         :param x: observed batch, shape ``(batch, num_features)``.
         :param idx: the batch's indices in the training set, shape ``(batch,)``.
+        :param kl_weight: the scale of the ``"z"`` site, as in :meth:`model`.
         :returns: the latent sample ``z``, shape ``(batch, latent_dim)``.
         """
-        if self._register:
-            pyro.module(self._param_name, self)
-        with self._plate(x, idx) as i, poutine.scale(scale=self.kl_weight):
+        pyro.module(self._param_name, self)
+        return self._guide(x, idx, kl_weight=kl_weight)
+
+    def _guide(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
+    ) -> torch.Tensor:
+        with self._plate(x, idx) as i, poutine.scale(scale=kl_weight):
             return pyro.sample("z", self.family(x, i))
 
     # ------------------------------------------------------------------ conveniences

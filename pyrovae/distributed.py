@@ -1,0 +1,190 @@
+r"""Data-parallel training and evaluation over ``torch.distributed`` (started by ``torchrun``).
+
+``torchrun --standalone --nproc-per-node=N -m pyrovae train ...`` starts N copies of the program,
+each with ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` in its
+environment; :func:`pyrovae.fit` finds them (:func:`process_group`) and trains data-parallel:
+
+- every rank draws the same permutation of the training set for each epoch (seeded by
+  ``(seed, epoch)``) and cuts it into the same *global* minibatches of ``batch_size``;
+- rank :math:`r` of :math:`W` takes the :math:`r`-th of :math:`W` contiguous, nearly equal parts
+  of each global minibatch (:func:`shard`) and passes its own indices to the ``"data"`` plate, so
+  its loss :math:`\mathcal L_r` is scaled by :math:`N / B_r`;
+- the gradients are combined by one all-reduce of :math:`\sum_r (B_r / B)\,\nabla \mathcal L_r`
+  which, for a loss that is a sum over datapoints (the ELBO, the IWAE bound with the plate scale
+  outside the log-sum-exp), is exactly the single-process gradient of the global minibatch,
+  :math:`\frac{N}{B} \sum_{i \in \text{batch}} \nabla \ell_i`, whatever ``B mod W``;
+- every rank then takes the same optimizer step, so the replicas stay identical; only rank 0
+  writes the run folder and the checkpoints (which hold every rank's RNG state).
+
+So ``batch_size`` is the global batch: ``W`` processes with ``batch_size=128`` follow the same
+trajectory (up to float rounding and the latent noise each rank draws) as one process with
+``batch_size=128``, each rank computing about ``128 / W`` rows per step.
+
+**Evaluation** splits datapoints the same way. An estimator that returns one value per datapoint
+(log p(x), the ELBO, k-hat, ...) runs on ``data[shard_indices(len(data))]`` on each rank and
+gathers with :func:`all_gather_values`; the result is in the original datapoint order on every
+rank. For values identical to a single-process run under a fixed seed, the draws of datapoint
+``i`` must not depend on which other datapoints share its call: seed per datapoint block (e.g. a
+generator seeded by ``(seed, i)``, or fixed-size chunks aligned to multiples of the chunk size
+in the *global* index), not one global stream consumed in order. Sketch::
+
+    from pyrovae import distributed as dist
+    idx = dist.shard_indices(len(data))              # this rank's datapoints (contiguous)
+    local = per_datapoint_estimate(vae, data[idx])   # shape (len(idx),) or (len(idx), ...)
+    values = dist.all_gather_values(local, len(data))  # shape (len(data), ...), every rank
+
+Outside ``torchrun`` (one process) these helpers are the identity: rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+
+from .errors import ConfigError
+
+__all__ = [
+    "process_group",
+    "rank",
+    "world_size",
+    "is_main",
+    "shard",
+    "shard_indices",
+    "all_gather_values",
+    "local_device",
+]
+
+
+def _launched() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher) with peers."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "MASTER_ADDR" in os.environ
+
+
+def process_group(group: Any = None, device: torch.device | None = None) -> Any:
+    """The process group to train over, or ``None`` for a single process.
+
+    :param group: ``None`` (default): the default group if ``torch.distributed`` is initialized,
+        else one initialized now from the environment (``env://``: ``RANK``, ``WORLD_SIZE``,
+        ``MASTER_ADDR``, ``MASTER_PORT``, as ``torchrun`` sets them) with the ``gloo`` backend on
+        CPU and ``nccl`` on CUDA, else ``None``; ``False``: ``None`` (no data parallelism);
+        a ``ProcessGroup``: that group.
+    :param device: the training device, to choose the backend.
+    """
+    if group is False:
+        return None
+    if group is not None and group is not True:
+        return group
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.group.WORLD if tdist.get_world_size() > 1 else None
+    if not _launched():
+        if group is True:
+            raise ConfigError(
+                "process_group=True but no process group is initialized and RANK/WORLD_SIZE/"
+                "MASTER_ADDR are not set; start the program with torchrun --nproc-per-node=N"
+            )
+        return None
+    if not tdist.is_available():
+        raise ConfigError("this torch has no torch.distributed; run a single process")
+    backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    tdist.init_process_group(backend=backend, init_method="env://")
+    return tdist.group.WORLD
+
+
+def rank(group: Any = None) -> int:
+    """This process's rank in ``group`` (default: the initialized default group), 0 if none."""
+    if group is None and not (tdist.is_available() and tdist.is_initialized()):
+        return 0
+    return tdist.get_rank(group)
+
+
+def world_size(group: Any = None) -> int:
+    """The number of processes in ``group`` (default: the initialized default group), 1 if none."""
+    if group is None and not (tdist.is_available() and tdist.is_initialized()):
+        return 1
+    return tdist.get_world_size(group)
+
+
+def is_main(group: Any = None) -> bool:
+    """Whether this process is rank 0 (the one that writes files and prints)."""
+    return rank(group) == 0
+
+
+def local_device(device: torch.device) -> torch.device:
+    """``cuda`` without an index becomes ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank)."""
+    if device.type == "cuda" and device.index is None and _launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def shard(indices: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s part of ``indices``: the ``rank``-th of ``world_size`` contiguous parts
+    whose sizes differ by at most one (``torch.tensor_split``); concatenating the parts in rank
+    order gives ``indices`` back."""
+    if world_size == 1:
+        return indices
+    return torch.tensor_split(indices, world_size)[rank]
+
+
+def shard_indices(num_datapoints: int, group: Any = None) -> torch.Tensor:
+    """This rank's datapoints of ``range(num_datapoints)``, for a distributed evaluation (see the
+    module docstring); all of them in a single process."""
+    return shard(torch.arange(num_datapoints), rank(group), world_size(group))
+
+
+def all_gather_values(local: torch.Tensor, num_datapoints: int, group: Any = None) -> torch.Tensor:
+    """Gather per-datapoint values computed on :func:`shard_indices` parts, in datapoint order.
+
+    :param local: this rank's values, shape ``(len(shard_indices(num_datapoints)), ...)``.
+    :param num_datapoints: the total number of datapoints.
+    :returns: shape ``(num_datapoints, ...)``, the same on every rank.
+    """
+    w = world_size(group)
+    if w == 1:
+        return local
+    sizes = [len(p) for p in torch.tensor_split(torch.arange(num_datapoints), w)]
+    r = rank(group)
+    if local.shape[0] != sizes[r]:
+        raise ConfigError(
+            f"rank {r} holds {local.shape[0]} values but its shard has {sizes[r]} datapoints; "
+            "compute them on data[shard_indices(num_datapoints)]"
+        )
+    padded = local.new_zeros((max(sizes), *local.shape[1:]))
+    padded[: sizes[r]] = local
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    tdist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _all_reduce_sum(flat: torch.Tensor, group: Any) -> None:
+    tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
+
+
+def _broadcast_module(module: torch.nn.Module, group: Any) -> None:
+    """Make every rank's parameters and buffers rank 0's."""
+    for t in module.state_dict().values():
+        tdist.broadcast(t, src=tdist.get_global_rank(group, 0) if group is not None else 0,
+                        group=group)
+
+
+def _gather_objects(obj: Any, group: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0 (``None`` elsewhere)."""
+    w = world_size(group)
+    out: list[Any] | None = [None] * w if rank(group) == 0 else None
+    tdist.gather_object(obj, out, dst=0, group=group)
+    return out
+
+
+def _broadcast_object(obj: Any, group: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    box = [obj]
+    tdist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def _barrier(group: Any) -> None:
+    tdist.barrier(group=group)
