@@ -7,6 +7,16 @@ progress, the test ELBO and the importance-sampled test log-likelihood, and writ
 checkpoint written atomically after every epoch (and every ``--checkpoint-every-steps`` steps), so
 ``pyrovae train --resume RUN`` continues an interrupted run exactly where its last checkpoint
 stands, with the run's saved options.
+
+``torchrun --standalone --nproc-per-node=N -m pyrovae train ...`` (or the multi-node form,
+``torchrun --nnodes=M --nproc-per-node=N --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT -m pyrovae
+train ...``) trains one run data-parallel: ``--batch-size`` is the global minibatch, split across
+the processes; rank 0 alone writes the run folder and prints (see :mod:`pyrovae.distributed`).
+
+Exit status of ``pyrovae train``: 0 done; 1 an operating-system error; 2 a pyrovae error (bad
+option, data, checkpoint; a full disk while checkpointing, with the resume command); 75
+(:data:`pyrovae.training.EXIT_PREEMPTED`) stopped by SIGTERM after writing a checkpoint: run the
+printed ``--resume`` command to continue exactly; 130 interrupted by Ctrl-C.
 """
 
 from __future__ import annotations
@@ -364,11 +374,24 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import plots
-    from .build import VAEConfig, build_vae
-    from .training import fit
+    """``pyrovae train``; under ``torchrun`` every process runs it, rank 0 alone writes and
+    prints, and the process group is closed at the end."""
+    import torch.distributed as tdist
 
-    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+    started = not (tdist.is_available() and tdist.is_initialized())
+    try:
+        return _train_run(args)
+    finally:
+        if started and tdist.is_available() and tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from . import distributed, plots
+    from .build import VAEConfig, build_vae
+    from .checkpoint import CHECKPOINT_NAME, load_train_state, save_config
+    from .errors import CheckpointError
+    from .training import fit
 
     resuming = args.resume is not None
     saved_config = _resume_run(args, args.given) if resuming else None
@@ -376,7 +399,10 @@ def _train(args: argparse.Namespace) -> int:
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
     _loss(args.loss, args.num_particles)
-    device = _device(args.device)
+    device = distributed.local_device(_device(args.device))
+    group = distributed.process_group(None, device)  # torchrun: one run, many processes
+    main = distributed.is_main(group)
+    say = print if main else (lambda *a, **k: None)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
     test = _load(args.dataset, "test", args.data_root, args.binarize)
     train, valid = _split_validation(train_full, args.validation_fraction, args.seed)
@@ -396,42 +422,58 @@ def _train(args: argparse.Namespace) -> int:
     vae = build_vae(config, num_data=len(train))
     loss = _loss(args.loss, args.num_particles)
     out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if group is not None:  # rank 0's clock names the folder of all ranks
+        out = distributed._broadcast_object(out, group)
     if not resuming and (out / CHECKPOINT_NAME).exists():
         raise ConfigError(f"--out {out} already holds a trained run; continue it with --resume {out} "
                           "or choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create the run folder {out} ({e.strerror or e}); "
-                          "choose a writable --out") from None
-    save_config(out, config, cli={k: getattr(args, k) for k in _RUN_OPTIONS})
-    print(f"pyrovae train: {args.dataset} ({len(train)} train, "
-          f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
-          f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
-          f"latent_dim={config.latent_dim} loss={args.loss} device={device}")
-    print(f"run folder: {out}")
+    if group is not None:  # every rank has checked before rank 0 writes anything
+        distributed._barrier(group)
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run folder {out} ({e.strerror or e}); "
+                              "choose a writable --out") from None
+        save_config(out, config, cli={k: getattr(args, k) for k in _RUN_OPTIONS})
+    world = distributed.world_size(group) if group is not None else 1
+    say(f"pyrovae train: {args.dataset} ({len(train)} train, "
+        f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
+        f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
+        f"latent_dim={config.latent_dim} loss={args.loss} device={device}"
+        + (f" processes={world}" if world > 1 else ""))
+    say(f"run folder: {out}")
     if resuming:
-        state = read_checkpoint(out)["training_state"] or {}
-        print(f"resuming from {out / CHECKPOINT_NAME}: epoch {state.get('epoch', 0) + 1}, "
-              f"{state.get('batch', 0)} minibatch(es) into it", flush=True)
+        state = load_train_state(out)  # the same TrainState that fit(resume=...) loads
+        say(f"resuming from {out / CHECKPOINT_NAME}: epoch {state.epoch + 1}, "
+            f"{state.batch} minibatch(es) into it", flush=True)
 
     def report(epoch: int, history: Any) -> None:
         valid_text = (
             f"  validation ELBO {history.validation_elbo[-1]:9.2f}"
             if history.validation_elbo[-1] is not None else ""
         )
-        print(f"epoch {epoch:3d}/{args.epochs}  train objective {history.train_elbo[-1]:9.2f}"
-              f"{valid_text}  ({history.epoch_seconds[-1]:.1f} s)", flush=True)
+        print(f"epoch {epoch:3d}/{args.epochs}  train {history.objective} "
+              f"{history.train_objective[-1]:9.2f}{valid_text}  ({history.epoch_seconds[-1]:.1f} s)",
+              flush=True)
 
     t0 = time.perf_counter()
-    history = fit(
-        vae, train, loss=loss, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        validation=valid, seed=args.seed, device=device, progress=not args.no_progress,
-        beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
-        checkpoint_dir=out, checkpoint_every_steps=args.checkpoint_every_steps,
-        resume=True if resuming else None, config=config, clip_grad_norm=args.clip_grad_norm,
-    )
+    try:
+        history = fit(
+            vae, train, loss=loss, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            validation=valid, seed=args.seed, device=device, progress=not args.no_progress,
+            beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
+            checkpoint_dir=out, checkpoint_every_steps=args.checkpoint_every_steps,
+            resume=True if resuming else None, config=config, clip_grad_norm=args.clip_grad_norm,
+            process_group=group if group is not None else False,
+        )
+    except CheckpointError as e:
+        if str(e).startswith("cannot write checkpoint") and (out / CHECKPOINT_NAME).exists():
+            raise CheckpointError(f"{e}: {_resume_command(out, world)}") from None
+        raise
     train_seconds = time.perf_counter() - t0
+    if not main:  # rank 0 evaluates and writes the results
+        return 0
 
     test = _fixed_test_set(test, args.eval_points, args.seed)
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
@@ -456,6 +498,15 @@ def _train(args: argparse.Namespace) -> int:
     print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
           f"training_curve.png{' manifold.png' if config.latent_dim == 2 else ''}")
     return 0
+
+
+def _resume_command(run: Path, world: int | None = None) -> str:
+    """The command line that continues ``run`` (under torchrun with as many processes)."""
+    import os
+
+    world = world or int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = f"torchrun --nproc-per-node={world} -m pyrovae" if world > 1 else "pyrovae"
+    return f"{launcher} train --resume {run}"
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -583,12 +634,19 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     warnings.showwarning = _show_warning
+    from .training import EXIT_PREEMPTED, Preempted
+
     try:
         if args.command == "train":
             return _train(args)
         if args.command == "gaps":
             return _gaps(args)
         return _evaluate(args)
+    except Preempted as e:  # SIGTERM: a checkpoint was written; exit so the scheduler requeues
+        run = e.checkpoint.parent if e.checkpoint is not None else None
+        print(f"pyrovae {args.command}: preempted: {' '.join(str(e).split(';')[0].split())}; "
+              f"checkpoint written; resume with: {_resume_command(run)}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except PyrovaeError as e:
         print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -516,7 +516,7 @@ def _report(state: TrainState, max_bad_steps: int, ckpt_dir: Path | None) -> Non
 def _rank_seed(seed: int, rank: int) -> int:
     """Rank 0 keeps ``seed`` (one process and rank 0 of many draw alike); other ranks draw
     independent latent noise."""
-    return seed if rank == 0 else hash((seed, "rank", rank)) & 0x7FFF_FFFF_FFFF_FFFF
+    return seed if rank == 0 else hash((seed, rank)) % 2**32
 
 
 def _gather(dataset: Any, indices: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -601,7 +601,7 @@ def _resume(
     if rank < len(rngs) and saved.get("world_size", 1) == settings["world_size"]:
         _set_rng_state(rngs[rank])
     else:  # another number of processes: same data order, fresh latent noise on the new ranks
-        pyro.set_rng_seed(_rank_seed(state.seed + state.history.num_steps, rank))
+        pyro.set_rng_seed(_rank_seed((state.seed + state.history.num_steps) % 2**32, rank))
     state.settings = settings
     return path, state
 
@@ -747,7 +747,7 @@ def fit(
     run_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
     if group is not None and seed is None:
         run_seed = distributed._broadcast_object(run_seed, group)
-        pyro.set_rng_seed(_rank_seed(run_seed, rank))
+        pyro.set_rng_seed(_rank_seed(run_seed % 2**32, rank))
 
     params = [p for p in vae.parameters() if p.requires_grad]
     if not params:
@@ -832,7 +832,9 @@ def fit(
             bar = tqdm(order, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not (progress and main),
                        leave=False, unit="batch", total=steps_per_epoch, initial=first)
             stop = False
-            with pyro.validation_enabled(False):
+            with pyro.validation_enabled(False), warnings.catch_warnings():
+                # Pyro's own "Encountered NaN" warnings repeat the NumericalWarning of the step.
+                warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
                 for batch in bar:
                     x, idx = _gather(train_set, distributed.shard(batch, rank, world), device)
                     # Warm-up counts this step as done, so the first weight is > 0.

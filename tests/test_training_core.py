@@ -1,0 +1,334 @@
+"""The training core: the KL weight as a model/guide keyword, the objective's name, the loss set
+up without mutating the model, host-synchronization-free steps, SIGTERM and a full disk."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+
+import pyrovae
+from pyrovae import CheckpointError, TrainingError, fit
+from pyrovae import training
+from pyrovae.build import VAEConfig, build_vae
+from pyrovae.checkpoint import CHECKPOINT_NAME, load_train_state, read_checkpoint
+from pyrovae.errors import NumericalWarning
+from pyrovae.training import EXIT_PREEMPTED, History, TrainState, objective, train_step
+
+from conftest import assert_close
+
+REPO = Path(__file__).resolve().parents[1]
+N, D = 64, 8
+CONFIG = VAEConfig(num_features=D, latent_dim=2, hidden_dims=(8,))
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _setup(seed: int = 0, init_seed: int = 1) -> tuple[pyrovae.VAE, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.bernoulli(torch.rand(N, D, generator=g) * 0.5)
+    torch.manual_seed(init_seed)
+    return build_vae(CONFIG, num_data=N), data
+
+
+def _params(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+# --------------------------------------------------------------------------------- KL weight
+@pytest.mark.parametrize("w", [1.0, 0.3])
+def test_kl_weight_scales_z_in_model_and_guide(w: float) -> None:
+    r"""The loss with ``kl_weight=w`` equals, for the same draw of z, the hand-computed
+    :math:`-\frac{N}{B}\sum_i [\log p(x_i|z_i) + w(\log p(z_i) - \log q(z_i|x_i))]`."""
+    vae, data = _setup()
+    x, idx = data[:16], torch.arange(16)
+    pyro.set_rng_seed(5)
+    loss = Trace_ELBO().differentiable_loss(vae.model, vae.guide, x, idx, kl_weight=w)
+    pyro.set_rng_seed(5)
+    q = vae.family(x, idx)
+    z = q.rsample()
+    log_px = vae.likelihood(z).log_prob(x)
+    expected = -(N / 16) * (log_px + w * (vae.prior().log_prob(z) - q.log_prob(z))).sum()
+    assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+    for program in (vae.model, vae.guide):
+        tr = poutine.trace(program).get_trace(x, idx, kl_weight=w)
+        assert tr.nodes["z"]["scale"] == pytest.approx(w * N / 16)
+
+
+def test_fit_passes_the_warmup_schedule_and_never_mutates_the_vae() -> None:
+    """Warm-up reaches the model as a keyword, one weight per step, w = beta * min(1, t / E)
+    with t the epochs done including this step; the VAE's attributes are the same after fit."""
+    vae, data = _setup()
+    seen = []
+    real = vae._model
+
+    def spy(x, idx=None, *, kl_weight=1.0):
+        seen.append(kl_weight)
+        return real(x, idx, kl_weight=kl_weight)
+
+    before = {k: v for k, v in vars(vae).items() if not k.startswith("_") or k == "_param_name"}
+    vae._model = spy
+    fit(vae, data, num_epochs=3, batch_size=16, progress=False, beta=0.5, kl_warmup_epochs=2.0)
+    steps = 4  # per epoch
+    expected = [0.5 * min(1.0, (s + 1) / steps / 2.0) for s in range(3 * steps)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    del vae._model
+    after = {k: v for k, v in vars(vae).items() if not k.startswith("_") or k == "_param_name"}
+    assert after.keys() == before.keys() and not hasattr(vae, "kl_weight")
+
+
+def test_history_names_its_objective() -> None:
+    vae, data = _setup()
+    kw = dict(num_epochs=1, batch_size=16, progress=False)
+    assert fit(vae, data, **kw).objective == "elbo"
+    assert fit(vae, data, beta=0.5, **kw).objective == "beta-elbo(β=0.5)"
+    renyi = RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True)
+    h = fit(vae, data, loss=renyi, **kw)
+    assert h.objective == "iwae(k=3)"
+    assert fit(vae, data, loss=renyi, beta=2.0, kl_warmup_epochs=1, **kw).objective == (
+        "beta-iwae(k=3, β=2) + KL warm-up (1 epochs)"
+    )
+    assert h.train_elbo is h.train_objective and len(h.train_objective) == 1
+    d = h.to_dict()
+    assert d["train_elbo"] == d["train_objective"] and d["objective"] == "iwae(k=3)"
+    # A history written before `objective` existed reads back.
+    old = History.from_dict({"train_elbo": [-5.0], "validation_elbo": [None], "num_steps": 4})
+    assert old.train_objective == [-5.0] and old.objective == "elbo"
+
+
+def test_plate_nesting_is_set_not_guessed(monkeypatch) -> None:
+    """A vectorized loss gets max_plate_nesting from the VAE (data plate + particle plate);
+    Pyro's private guess (which runs model and guide) is never called."""
+
+    def no_guess(*args, **kwargs):
+        raise AssertionError("_guess_max_plate_nesting was called")
+
+    monkeypatch.setattr(ELBO, "_guess_max_plate_nesting", no_guess)
+    vae, data = _setup()
+    loss = RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True)
+    fit(vae, data, loss=loss, num_epochs=1, batch_size=16, progress=False)
+    assert loss.max_plate_nesting == 2
+    single = Trace_ELBO(num_particles=1, vectorize_particles=True)
+    fit(vae, data, loss=single, num_epochs=1, batch_size=16, progress=False)
+    assert single.max_plate_nesting == 1
+
+
+def test_registration_is_decided_by_the_loss() -> None:
+    """Losses that differentiate a tensor run the program without pyro.module (the optimizer
+    holds the parameters); losses that look for param sites (RenyiELBO) run the registering one.
+    Both train."""
+    vae, data = _setup()
+    obj = objective(vae, Trace_ELBO())
+    assert obj.model == vae._model and obj.guide == vae._guide
+    pyro.clear_param_store()
+    before = _params(vae)
+    fit(vae, data, num_epochs=1, batch_size=16, progress=False)
+    assert len(pyro.get_param_store()) == 0
+    assert any(not torch.equal(before[k], v) for k, v in _params(vae).items())
+    renyi = RenyiELBO(alpha=0, num_particles=2, vectorize_particles=True)
+    assert objective(vae, renyi).model == vae.model
+    before = _params(vae)
+    fit(vae, data, loss=renyi, num_epochs=1, batch_size=16, progress=False)
+    assert len(pyro.get_param_store()) > 0
+    assert any(not torch.equal(before[k], v) for k, v in _params(vae).items())
+
+
+def test_jit_loss_with_warmup_is_refused() -> None:
+    from pyro.infer import JitTrace_ELBO
+
+    vae, data = _setup()
+    with pytest.raises(pyrovae.ConfigError, match="warm-up"):
+        fit(vae, data, loss=JitTrace_ELBO(), kl_warmup_epochs=1, num_epochs=1, progress=False)
+
+
+# ---------------------------------------------------------------------- no host synchronization
+def test_train_step_never_reads_a_device_value(monkeypatch) -> None:
+    """train_step itself converts no tensor to a Python value (each would be a GPU wait); the
+    only reads are Pyro's own NaN warnings, outside pyrovae."""
+    vae, data = _setup()
+    opt = training._adam(list(vae.parameters()), 1e-3)
+    state = TrainState(vae, opt, seed=0)
+    obj = objective(vae, Trace_ELBO())
+    reads = []
+    here = str(Path(training.__file__).resolve())
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename == here:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for clip in (None, 1.0):
+        train_step(state, data[:16], torch.arange(16), obj, clip_grad_norm=clip)
+    assert reads == []
+    assert state.history.num_steps == 2 and len(state.unreported) == 2
+
+
+def test_lazy_host_checks_stop_at_the_exact_step(monkeypatch) -> None:
+    """With the host reading the device flags only every 4 steps (as on a GPU), a streak of
+    bad steps still stops training at its exact step, no update after it is applied, and the
+    warnings are the same, in order."""
+    from test_faults import FaultyELBO
+
+    monkeypatch.setitem(training._SYNC_EVERY, "cpu", 4)
+    vae, data = _setup()
+    loss = FaultyELBO(vae, {2: "nan", 5: "nan", 6: "grad", 7: "inf"})
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(TrainingError) as e:
+        warnings.simplefilter("always")
+        fit(vae, data, loss=loss, num_epochs=2, batch_size=8, progress=False, max_bad_steps=3)
+    assert "up to step 7" in str(e.value)
+    steps = [int(str(w.message).split()[1]) for w in caught if w.category is NumericalWarning]
+    assert steps == [2, 5, 6, 7]
+    assert loss.calls == 8  # step 8 ran before the host looked, but was not applied
+    good = loss.before[4]  # parameters after step 4, the last good update
+    assert all(torch.equal(v, good[k]) for k, v in _params(vae).items())
+
+
+# ------------------------------------------------------------------------------------ full disk
+def test_full_disk_keeps_previous_checkpoint_and_resumes(tmp_path: Path, monkeypatch) -> None:
+    """ENOSPC while writing the second checkpoint: one line naming the folder and the space
+    needed; the first checkpoint is intact; once space is back, resuming ends exactly as a run
+    never interrupted."""
+    vae, data = _setup()
+    ref = _params(vae)
+    ref_vae, _ = _setup()
+    ref_hist = fit(ref_vae, data, num_epochs=2, batch_size=8, progress=False, seed=4)
+    real_save = torch.save
+    calls = [0]
+
+    def full_disk(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:
+            f.write(b"PK\x03\x04 half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError) as e:
+        fit(vae, data, num_epochs=2, batch_size=8, progress=False, seed=4, checkpoint_dir=tmp_path,
+            checkpoint_every_steps=3)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left" in msg and str(tmp_path) in msg
+    assert "MiB" in msg and "previous checkpoint is intact" in msg
+    monkeypatch.setattr(torch, "save", real_save)
+    state = load_train_state(tmp_path)
+    assert (state.epoch, state.batch, state.history.num_steps) == (0, 3, 3)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    del ref
+    resumed, _ = _setup(init_seed=9)
+    hist = fit(resumed, data, num_epochs=2, batch_size=8, progress=False, seed=4, resume=tmp_path)
+    assert all(torch.equal(v, _params(ref_vae)[k]) for k, v in _params(resumed).items())
+    assert hist.train_objective == pytest.approx(ref_hist.train_objective, rel=1e-12)
+
+
+def test_zip_writer_failure_is_a_disk_full_message(tmp_path: Path, monkeypatch) -> None:
+    """torch.save's zip writer reports a full disk as a RuntimeError ("unexpected pos"): it
+    becomes the same one-line CheckpointError, with the space needed and free."""
+    vae, _ = _setup()
+    pyrovae.save_checkpoint(tmp_path, vae)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+
+    def enforce_fail(obj, f, *a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4310")
+
+    monkeypatch.setattr(torch, "save", enforce_fail)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+    with pytest.raises(CheckpointError) as e:
+        pyrovae.save_checkpoint(tmp_path, vae)
+    msg = str(e.value)
+    assert "\n" not in msg and "needs about" in msg and "0.0 MiB free" in msg
+    assert "enforce fail" not in msg.split("needs")[1]
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+
+
+# -------------------------------------------------------------------------------------- SIGTERM
+CHILD = r"""
+import sys, time
+import torch
+torch.set_num_threads(1)
+from pyro.infer import Trace_ELBO
+from pyrovae.cli import main
+
+log, delay = sys.argv[1], float(sys.argv[2])
+real = Trace_ELBO.differentiable_loss
+def logged(self, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write("step\n")
+    time.sleep(delay)
+    return real(self, *args, **kwargs)
+Trace_ELBO.differentiable_loss = logged
+sys.exit(main(["train", *sys.argv[3:]]))
+"""
+TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20", "--num-samples", "10",
+        "--no-progress", "--epochs", "2"]
+
+
+def _child(tmp: Path, log: Path, delay: float, *args: str) -> subprocess.Popen:
+    script = tmp / "child.py"
+    script.write_text(CHILD)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(script), str(log), str(delay), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp)
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_exactly(tmp_path: Path) -> None:
+    """SIGTERM in epoch 1: the step in progress finishes, a checkpoint of exactly the steps
+    taken is written, the exit status is 75 with the resume command; resuming ends with the
+    parameters and history of a run never stopped."""
+    ref = tmp_path / "reference"
+    p = _child(tmp_path, tmp_path / "ref.log", 0.0, *TINY, "--out", str(ref))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+
+    run, log = tmp_path / "run", tmp_path / "run.log"
+    p = _child(tmp_path, log, 0.02, *TINY, "--out", str(run))
+    while not log.exists() or len(log.read_text().splitlines()) < 10:
+        assert p.poll() is None, p.communicate()[1][-2000:]
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == EXIT_PREEMPTED, err[-2000:]
+    assert err.count("\n") == 1 and f"resume with: pyrovae train --resume {run}" in err
+    started = len(log.read_text().splitlines())
+    state = load_train_state(run)
+    assert state.history.num_steps == started  # the step in progress finished, none was lost
+    assert state.epoch == 0 and state.batch == started
+    assert not (run / "metrics.json").exists()
+
+    p = _child(tmp_path, log, 0.0, "--resume", str(run), "--eval-points", "20", "--num-samples",
+               "10", "--no-progress")
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-2000:]
+    a, b = read_checkpoint(run), read_checkpoint(ref)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in b["model"])
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (run, ref))
+    assert ma["history"]["train_objective"] == mb["history"]["train_objective"]
+    assert ma["history"]["resumed_at_step"] == [started]
+    assert ma["test_log_likelihood"]["mean"] == mb["test_log_likelihood"]["mean"]
+
+
+def test_sigterm_without_checkpoint_dir_is_left_alone() -> None:
+    """fit installs its SIGTERM handler only when it can checkpoint, and restores the old one."""
+    vae, data = _setup()
+    old = signal.getsignal(signal.SIGTERM)
+    seen = []
+
+    class Probe:
+        def on_step_end(self, state):
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    fit(vae, data, num_epochs=1, batch_size=32, progress=False, callbacks=[Probe()])
+    assert seen and all(h is old for h in seen)
+    assert signal.getsignal(signal.SIGTERM) is old
