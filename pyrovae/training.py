@@ -138,6 +138,7 @@ class History:
         d = dict(d)
         if "train_objective" not in d and "train_elbo" in d:
             d["train_objective"] = d["train_elbo"]
+            d.setdefault("objective", "")  # unknown: fit names it when it resumes
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -469,7 +470,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     # The loss estimates -objective of the whole training set: per datapoint, / num_data.
     state.objective_sum = state.objective_sum + torch.where(
-        skip, 0.0, -value * (rows / vae.num_data)
+        skip, 0.0, -value / vae.num_data * rows
     ).to(state.objective_sum.dtype)
     state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
     state.bad_streak = torch.where(bad, state.bad_streak + 1, 0)
@@ -765,7 +766,7 @@ def fit(
         if ckpt_dir is None:
             ckpt_dir = resume_path.parent
         state.history.resumed_at_step.append(state.history.num_steps)
-        if not state.history.train_objective:
+        if not state.history.objective or not state.history.train_objective:
             state.history.objective = obj.name
     else:
         state = TrainState(vae, optimizer, run_seed, history=History(objective=obj.name),
