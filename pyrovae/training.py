@@ -271,6 +271,11 @@ class TrainState:
     reported_streak: int = 0
     rng: list[dict[str, Any]] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        param = next(iter(self.vae.parameters()), None) if self.vae is not None else None
+        if param is not None:
+            self.to(param.device)
+
     def to(self, device: torch.device) -> TrainState:
         """Put the running sums on ``device`` (float64 where the device has it)."""
         dtype = torch.float32 if device.type == "mps" else torch.float64
