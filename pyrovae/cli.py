@@ -643,9 +643,12 @@ def main(argv: list[str] | None = None) -> int:
             return _gaps(args)
         return _evaluate(args)
     except Preempted as e:  # SIGTERM: a checkpoint was written; exit so the scheduler requeues
+        import os
+
         run = e.checkpoint.parent if e.checkpoint is not None else None
-        print(f"pyrovae {args.command}: preempted: {' '.join(str(e).split(';')[0].split())}; "
-              f"checkpoint written; resume with: {_resume_command(run)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for all
+            print(f"pyrovae {args.command}: preempted: {' '.join(str(e).split(';')[0].split())}; "
+                  f"checkpoint written; resume with: {_resume_command(run)}", file=sys.stderr)
         return EXIT_PREEMPTED
     except PyrovaeError as e:
         print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)

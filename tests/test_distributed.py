@@ -194,3 +194,48 @@ def test_helpers_in_one_process() -> None:
     parts = [distributed.shard(torch.arange(11), r, 3) for r in range(3)]
     assert [len(p) for p in parts] == [4, 4, 3]
     assert torch.equal(torch.cat(parts), torch.arange(11))
+
+
+SLOW_CLI = r"""
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+from pyro.infer import Trace_ELBO
+from pyrovae.cli import main
+real = Trace_ELBO.differentiable_loss
+def slow(self, *args, **kwargs):
+    with open(f"steps{os.environ['RANK']}", "a") as f:
+        f.write("step\n")
+    time.sleep(0.03)
+    return real(self, *args, **kwargs)
+Trace_ELBO.differentiable_loss = slow
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path: Path) -> None:
+    """torchrun forwards SIGTERM to its workers: they agree on the step to stop at, rank 0
+    writes a checkpoint holding every step taken, and prints the torchrun resume command once."""
+    import signal
+    import time
+
+    (tmp_path / "child.py").write_text(SLOW_CLI)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "child.py", "--epochs", "2", "--hidden-dims", "16", "--latent-dim", "2", "--no-progress",
+         "--out", "run"],
+        env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    log = tmp_path / "steps0"
+    while not log.exists() or len(log.read_text().splitlines()) < 10:
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=600)
+    started = [len((tmp_path / f"steps{r}").read_text().splitlines()) for r in (0, 1)]
+    assert started[0] == started[1]
+    state = load_train_state(tmp_path / "run")
+    assert state.history.num_steps == started[0] and state.batch == started[0]
+    assert err.count("preempted") == 1
+    assert "resume with: torchrun --nproc-per-node=2 -m pyrovae train --resume run" in err
