@@ -17,7 +17,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
 import pyrovae
 from pyrovae import CheckpointError, TrainingError, fit
@@ -227,7 +227,6 @@ def test_full_disk_keeps_previous_checkpoint_and_resumes(tmp_path: Path, monkeyp
     needed; the first checkpoint is intact; once space is back, resuming ends exactly as a run
     never interrupted."""
     vae, data = _setup()
-    ref = _params(vae)
     ref_vae, _ = _setup()
     ref_hist = fit(ref_vae, data, num_epochs=2, batch_size=8, progress=False, seed=4)
     real_save = torch.save
@@ -251,7 +250,6 @@ def test_full_disk_keeps_previous_checkpoint_and_resumes(tmp_path: Path, monkeyp
     state = load_train_state(tmp_path)
     assert (state.epoch, state.batch, state.history.num_steps) == (0, 3, 3)
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
-    del ref
     resumed, _ = _setup(init_seed=9)
     hist = fit(resumed, data, num_epochs=2, batch_size=8, progress=False, seed=4, resume=tmp_path)
     assert all(torch.equal(v, _params(ref_vae)[k]) for k, v in _params(resumed).items())
