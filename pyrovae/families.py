@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from .splines import ConditionalSplineAutoregressive
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -410,7 +411,7 @@ def spline_autoregressive(
     check_positive_int(count_bins, "count_bins")
     check_positive_float(bound, "bound")
     return [
-        T.ConditionalSplineAutoregressive(
+        ConditionalSplineAutoregressive(
             latent_dim,
             # Pyro's conditional_spline_autoregressive always asks for the 4 outputs of the
             # linear-order spline, so build the rational-quadratic one's network here.
@@ -422,7 +423,6 @@ def spline_autoregressive(
             ),
             count_bins=count_bins,
             bound=bound,
-            order="quadratic",
         )
         for _ in range(num_transforms)
     ]

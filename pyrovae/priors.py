@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from .splines import SplineAutoregressive
 from .errors import ConfigError
 
 __all__ = [
@@ -384,7 +385,7 @@ def flow_prior(
                 permutation=order,
             )
             steps.append(
-                T.SplineAutoregressive(latent_dim, arn, count_bins=count_bins, order="quadratic")
+                SplineAutoregressive(latent_dim, arn, count_bins=count_bins)
             )
         else:
             raise ConfigError(
