@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
     v.add_argument("--num-samples", type=int, default=5000, help="K (default: 5000)")
     v.add_argument("--eval-points", type=int, default=None)
-    v.add_argument("--data-root", default=None)
+    v.add_argument("--data-root", default=None,
+                   help="folder holding the data files (default: the run's own, else $PYROVAE_DATA)")
     v.add_argument("--split", default="test")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
@@ -138,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all test points, the exact mixture; for a flow family, whose "
                     "density at another point costs an inverse, e.g. 100 is much faster and "
                     "slightly biased)")
-    gp.add_argument("--data-root", default=None)
+    gp.add_argument("--data-root", default=None,
+                    help="folder holding the data files (default: each run's own, else $PYROVAE_DATA)")
     gp.add_argument("--seed", type=int, default=0)
     gp.add_argument("--device", default="cpu")
     gp.add_argument("--no-progress", action="store_true")
@@ -364,11 +366,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import plots
     from .build import VAEConfig, build_vae
-    from .training import fit
-
-    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+    from .checkpoint import CHECKPOINT_NAME
 
     resuming = args.resume is not None
     saved_config = _resume_run(args, args.given) if resuming else None
@@ -399,12 +398,33 @@ def _train(args: argparse.Namespace) -> int:
     if not resuming and (out / CHECKPOINT_NAME).exists():
         raise ConfigError(f"--out {out} already holds a trained run; continue it with --resume {out} "
                           "or choose another --out")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {out} ({e.strerror or e}); "
                           "choose a writable --out") from None
-    save_config(out, config, cli={k: getattr(args, k) for k in _RUN_OPTIONS})
+    try:
+        return _train_into(args, out, config, vae, loss, train, valid, test, device, resuming)
+    except PyrovaeError:
+        # A run refused before its first checkpoint leaves no folder behind.
+        if created and not (out / CHECKPOINT_NAME).exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss: Any,
+                train: Any, valid: Any, test: Any, device: torch.device, resuming: bool) -> int:
+    from . import plots
+    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+    from .training import fit
+
+    cli = {k: getattr(args, k) for k in _RUN_OPTIONS}
+    # Remembered so that 'pyrovae evaluate' and 'pyrovae gaps' find the same files.
+    cli["data_root"] = str(Path(args.data_root).resolve()) if args.data_root else None
+    save_config(out, config, cli=cli)
     print(f"pyrovae train: {args.dataset} ({len(train)} train, "
           f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
           f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
@@ -472,7 +492,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "train'); evaluate it in Python with pyrovae.load_model and pyrovae.log_likelihood"
         )
     vae = load_model(args.run, device=device)
-    test = _load(options["dataset"], args.split, args.data_root, options.get("binarize"))
+    test = _load(options["dataset"], args.split, args.data_root or options.get("data_root"),
+                 options.get("binarize"))
     test = _fixed_test_set(test, args.eval_points, args.seed)
     print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points)")
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
@@ -510,7 +531,8 @@ def _gaps(args: argparse.Namespace) -> int:
     for run, label in zip(args.runs, labels):
         options = read_config(run)["cli"]
         vae = load_model(run, device=device)
-        test = _load(options["dataset"], "test", args.data_root, options.get("binarize"))
+        test = _load(options["dataset"], "test", args.data_root or options.get("data_root"),
+                     options.get("binarize"))
         test = _fixed_test_set(test, args.eval_points, args.seed).to(device)
         print(f"pyrovae gaps: {run} on {options['dataset']} test ({len(test)} points, "
               f"K={args.num_samples})", flush=True)
@@ -569,6 +591,27 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+#: The library's errors name Python arguments; on the command line they are flags.
+_CLI_WORDS = (
+    (r"\(e\.g\. binarize='dynamic' in pyrovae\.data, or torch\.bernoulli\(x\)\)",
+     "(--binarize dynamic)"),
+    (r"binarize='(\w+)'", r"--binarize \1"),
+    (r"binarize=None", "--binarize none"),
+    (r"\broot=\.\.\.", "--data-root DIR"),
+    (r"\bpass root=", "pass --data-root "),
+)
+
+
+def _speak_cli(message: str) -> str:
+    """One line, with the library's argument names replaced by the CLI's flags."""
+    import re
+
+    message = " ".join(message.split())
+    for pattern, flag in _CLI_WORDS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int,
                   file: Any = None, line: Any = None) -> None:
     print(f"pyrovae: warning: {message}", file=sys.stderr)
@@ -590,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             return _gaps(args)
         return _evaluate(args)
     except PyrovaeError as e:
-        print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"pyrovae {args.command}: error: {_speak_cli(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a folder that cannot be written, a full disk, ...
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)

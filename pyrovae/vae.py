@@ -14,6 +14,7 @@ from torch import nn
 
 from ._checks import check_finite, check_positive_int
 from .errors import ConfigError, DataError
+from .families import check_requirements
 
 __all__ = ["VAE"]
 
@@ -60,8 +61,10 @@ class VAE(PyroModule):
         self.prior = prior
         self.family = family
         self.likelihood = likelihood
-        # A prior that depends on the family (e.g. the VampPrior) gets it through this hook.
-        if callable(getattr(prior, "attach", None)):
+        # What the prior needs from the family is declared (``prior.requires``); a prior built
+        # on the family (``prior.uses_family``, e.g. the VampPrior) is handed it.
+        check_requirements(prior, family)
+        if getattr(prior, "uses_family", False):
             prior.attach(family)
         self.num_data = check_positive_int(num_data, "num_data")
         latent_dims = {

@@ -56,9 +56,14 @@ from pyrovae.families import FLOW_TRANSFORMS
 NUM_POINTS = 16
 LATENT_DIM = 2
 OPTIONS_SMALL = {"num_pseudo_inputs": 3, "num_components": 3, "num_transforms": 2}
-#: combinations that cannot work and must say so: the VampPrior evaluates q(z|u) at arbitrary z,
-#: which needs an encoder (not "local") and an invertible flow (not planar or radial).
+#: The combinations that cannot work, and must be refused before training with the reason: the
+#: VampPrior evaluates q(z|u) at its pseudo-inputs and at arbitrary z, which needs an encoder
+#: (not "local") and a flow with an inverse (not planar or radial). Every other one must train.
 INVALID = {("vamp", "planar"), ("vamp", "radial"), ("vamp", "local")}
+#: The matrix runs on the digits average-pooled to 8 x 8 (64 features: the same combinations at a
+#: twelfth of the cost of 784 pixels, which lets every combination run for three seeds).
+SMALL_SHAPE = (8, 8)
+SEEDS = (0, 1, 2)
 
 
 # ---------------------------------------------------------------------- data
@@ -86,7 +91,14 @@ def _grey_digits() -> torch.Tensor:
 def digits() -> dict[str, torch.Tensor]:
     grey = _grey_digits()
     g = torch.Generator().manual_seed(1)
-    return {"grey": grey, "binary": torch.bernoulli(grey, generator=g)}
+    small = torch.nn.functional.adaptive_avg_pool2d(grey.reshape(-1, 1, 28, 28), SMALL_SHAPE)
+    small = (small.reshape(len(grey), -1) * 255).round() / 255  # 8-bit levels again
+    return {
+        "grey": grey,
+        "binary": torch.bernoulli(grey, generator=g),
+        "small_grey": small,
+        "small_binary": torch.bernoulli(small, generator=g),
+    }
 
 
 def _data_for(likelihood: str, digits: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,13 +158,24 @@ VALID = [
 ]
 
 
+def _small_config(prior: str, family: str, likelihood: str) -> VAEConfig:
+    return VAEConfig(
+        num_features=SMALL_SHAPE[0] * SMALL_SHAPE[1], latent_dim=LATENT_DIM, hidden_dims=(8,),
+        prior=prior, family=family, likelihood=likelihood, image_shape=SMALL_SHAPE,
+        options=dict(OPTIONS_SMALL),
+    )
+
+
 # ---------------------------------------------------------------------- the matrix
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("prior,family,likelihood", VALID, ids=["-".join(c) for c in VALID])
-def test_every_combination_trains(prior, family, likelihood, digits):
-    """Trace_ELBO steps lower the loss, gradients reach every parameter, IWAE steps (RenyiELBO,
-    alpha=0, vectorized particles) are finite, and log p(x) / sampling work."""
-    x = _data_for(likelihood, digits)
-    vae = build_vae(_config(prior, family, likelihood), num_data=len(x))
+def test_every_combination_trains(prior, family, likelihood, seed, digits):
+    """For three seeds: Trace_ELBO steps lower the loss, gradients reach every parameter, IWAE
+    steps (RenyiELBO, alpha=0, vectorized particles) are finite, and log p(x) / sampling work."""
+    x = digits["small_binary" if likelihood == "bernoulli" else "small_grey"]
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    vae = build_vae(_small_config(prior, family, likelihood), num_data=len(x))
     _assert_gradients_everywhere(vae, x)
     losses = _train(vae, x, Trace_ELBO(), 12)
     assert all(math.isfinite(v) for v in losses)
@@ -161,17 +184,38 @@ def test_every_combination_trains(prior, family, likelihood, digits):
     assert all(math.isfinite(v) for v in iwae)
     ll = log_likelihood(vae, x[:4], num_samples=6, seed=0)
     assert ll.values.shape == (4,) and bool(torch.isfinite(ll.values).all())
-    # log p(x) >= ELBO in expectation; with the same draws, L_K >= mean of the weights.
-    el = elbo(vae, x[:4], num_samples=6, seed=0)
-    assert bool((ll.values >= el.values - 1e-4).all())
     samples = vae.sample(3)
-    assert samples.shape == (3, 784) and bool(torch.isfinite(samples).all())
+    assert samples.shape == (3, x.shape[1]) and bool(torch.isfinite(samples).all())
 
 
-@pytest.mark.parametrize("prior,family", sorted(INVALID))
-def test_invalid_combinations_say_why(prior, family):
-    with pytest.raises(ConfigError, match="VampPrior"):
-        build_vae(_config(prior, family, "bernoulli"), num_data=NUM_POINTS)
+@pytest.mark.parametrize("prior,family", sorted(itertools.product(PRIORS, FAMILIES)))
+def test_refused_combinations_are_exactly_the_impossible_ones(prior, family):
+    """Each combination in INVALID is refused when the VAE is built (before any training), in
+    one line naming the missing capability and families that have it; every other builds."""
+    cfg = _small_config(prior, family, "bernoulli")
+    if (prior, family) in INVALID:
+        with pytest.raises(ConfigError) as info:
+            build_vae(cfg, num_data=NUM_POINTS)
+        message = str(info.value)
+        assert "\n" not in message and "needs a variational family that" in message
+        assert "DiagonalNormal" in message and "--family diagonal" in message
+    else:
+        build_vae(cfg, num_data=NUM_POINTS)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vampprior_with_a_spline_family_trains_200_steps(seed, digits):
+    """The combination that stopped training with an AssertionError inside Pyro's spline
+    inverse (q(z|u_k) inverts the flow at points it did not produce): 200 steps at lr 0.03."""
+    x = digits["small_binary"]
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    cfg = _small_config("vamp", "spline", "bernoulli")
+    cfg.options = {"num_pseudo_inputs": 10, "num_transforms": 2}
+    vae = build_vae(cfg, num_data=len(x))
+    losses = _train(vae, x, Trace_ELBO(), 200, lr=0.03)
+    assert all(math.isfinite(v) for v in losses)
+    assert _decreased(losses)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
