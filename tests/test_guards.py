@@ -216,18 +216,19 @@ def test_psis_khat_recovers_a_known_tail_index(k):
     """Log-weights whose exp is generalized-Pareto with shape k (scale 1, shifted by 3 nats,
     which k-hat must not notice): k-hat averaged over 100 columns of K = 20000 draws is k.
 
-    K = 20000 puts M = 3 sqrt(K) = 425 draws in the fitted tail; one column's k-hat has a
-    standard deviation of about 0.05 (k = 0.2) to 0.07 (k = 0.5), so the mean of 100 has
-    about 0.007, and ArviZ's prior shrinks k towards 0.5 by 10 / (M + 10) = 2%
-    (0.006 at k = 0.2). The tolerance 0.03 is > 3 standard errors plus that shrinkage.
-    Guards against k-hat fitted to the (normalized) weights instead of the log-weights:
-    0.29 at k = 0.2 and 0.55 at k = 0.5 on these draws (and inf at the raw weights)."""
+    K = 20000 puts M = ceil(3 sqrt(K)) = 425 draws in the fitted tail. ArviZ's prior shrinks
+    k-hat towards 0.5 by 10 / (M + 10) = 2.3% (+0.007 at k = 0.2, none at 0.5); one column's
+    k-hat has a standard deviation of 0.06 (k = 0.2) to 0.08 (k = 0.5), so the mean of 100 has
+    a standard error below 0.008. Measured: 0.211 and 0.503. The tolerance 0.04 is the
+    shrinkage plus > 4 standard errors. Guards against k-hat fitted to the (normalized)
+    weights instead of the log-weights: 0.30 at k = 0.2 and 0.56 at k = 0.5 on these draws
+    (and inf for the raw weights)."""
     g = torch.Generator().manual_seed(0)
     u = torch.rand(20000, 100, generator=g, dtype=torch.float64)
     w = torch.log(torch.expm1(-k * torch.log1p(-u)) / k) + 3.0  # log GPD(k): inverse CDF
     khat = psis_khat(w)
     assert khat.shape == (100,) and khat.dtype == torch.float64
-    assert abs(float(khat.mean()) - k) < 0.03, float(khat.mean())
+    assert abs(float(khat.mean()) - k) < 0.04, float(khat.mean())
 
 
 # ---------------------------------------------------------------------- active units
