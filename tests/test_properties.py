@@ -28,12 +28,11 @@ from hypothesis import strategies as st
 from pyro.infer import Trace_ELBO
 
 import pyrovae
-from pyrovae import PyrovaeError, elbo, fit, load_checkpoint, load_model, log_likelihood
+from pyrovae import PyrovaeError, elbo, fit, importance, load_checkpoint, load_model, log_likelihood
 from pyrovae.build import FAMILIES, LIKELIHOODS, PRIORS, VAEConfig, build_vae
 from pyrovae.checkpoint import read_checkpoint, save_checkpoint
 from pyrovae.data import DATASETS, load_dataset, read_amat, read_frey, read_idx
 from pyrovae.gaps import gaps
-from pyrovae import importance
 from pyrovae.importance import iwae_bounds
 
 D, N = 6, 8  # features and datapoints of the tiny model every property uses
