@@ -86,9 +86,9 @@ def test_fit_objective_is_the_beta_weighted_elbo(float64, loss_cls):
 
 class _ScaleSpy(Trace_ELBO):
     """Trace_ELBO that records, at every step, the KL weight the model and the guide put on "z"
-    (the site's scale divided by the data plate's subsample scale, read from the "x" site) and
-    the minibatch indices. Works however fit hands the weight to the model and guide (an
-    attribute or a keyword): it traces them with the very arguments the loss gets."""
+    (the site's scale divided by the data plate's subsample scale, read from the "x" site).
+    Works however fit hands the weight to the model and guide (an attribute or a keyword): it
+    traces them with the very arguments the loss gets, on a forked RNG."""
 
     def __init__(self) -> None:
         super().__init__()
