@@ -189,16 +189,19 @@ def test_result_dict_and_plot(float64, tmp_path):
     x = _data(c, 6)
     vae = VAE(StandardNormal(L), _diagonal_family(c, 0.8, 0.1), _decoder(c), num_data=100)
     result = gaps(vae, x, num_samples=100, num_elbo_samples=50, num_steps=100, seed=0)
-    assert isinstance(result, GapResult)
+    assert (result.settings["num_samples"], result.settings["num_elbo_samples"]) == (100, 50)
     assert result.log_px.shape == result.elbo_optimal.shape == (6,)
     d = result.to_dict(per_datapoint=True)
-    json.dumps(d)
+    assert json.loads(json.dumps(d)) == d  # JSON-ready: a round trip changes nothing
+    assert d["per_datapoint"]["elbo_optimal"] == result.elbo_optimal.tolist()
     assert d["num_datapoints"] == 6
     assert d["approximation_gap"]["mean"] == pytest.approx(
         float(result.approximation_gap.mean())
     )
     assert len(d["per_datapoint"]["log_px"]) == 6
-    assert int(result.num_steps.max()) <= 100
+    # 100 steps hold 2 checks (check_every=50), fewer than the max_decays + 1 = 5 halvings that
+    # stop early: every datapoint gets all 100 steps
+    assert result.num_steps.tolist() == [100] * 6 and d["mean_num_steps"] == 100.0
     fig = plot_gaps([result, result], tmp_path / "gaps.png", labels=["a", "b"])
     assert (tmp_path / "gaps.png").stat().st_size > 0
     assert len(fig.axes) == 2
