@@ -442,7 +442,12 @@ def test_vampprior_gets_the_vae_family_through_attach():
     with pytest.raises(ConfigError, match="no family"):
         prior()
     vae = VAE(prior, family, Gaussian(MLP(2, (), 3), 1.0), num_data=10)
-    assert vae.prior.latent_dim == 2 and prior()._validate_args is not None
+    assert vae.prior.latent_dim == 2
+    # attached: the prior is the mixture of the VAE's own family at the 4 pseudo-inputs
+    z = torch.randn(5, 2)
+    q = family(prior.pseudo_inputs, None)
+    expected = torch.logsumexp(q.log_prob(z.unsqueeze(1)), -1) - math.log(4)
+    assert_close(prior().log_prob(z), expected, rtol=1e-5, atol=1e-5)
     assert len(list(vae.parameters())) == len({id(p) for p in vae.parameters()})
 
 
