@@ -276,7 +276,7 @@ class VampPrior(Prior):
                 raw = torch.logit(((init - lo) / (hi - lo)).clamp(0.01, 0.99))
         self.raw_pseudo_inputs = nn.Parameter(raw)
         self._family: tuple[nn.Module, ...] = ()
-        self._row_bytes: dict[tuple[Any, ...], int] = {}
+        self._row_bytes: dict[tuple[Any, ...], tuple[int, int]] = {}
         if family is not None:
             self.attach(family)
 
@@ -334,7 +334,7 @@ class _PairwiseMixture(dist.TorchDistribution):
 
     def __init__(
         self, family: nn.Module, params: dict[str, torch.Tensor], max_bytes: int,
-        row_bytes: dict[tuple[Any, ...], int],
+        row_bytes: dict[tuple[Any, ...], tuple[int, int]],
     ) -> None:
         self.family = family
         self.params = params
@@ -358,34 +358,50 @@ class _PairwiseMixture(dist.TorchDistribution):
             z = q.sample()
         return z.reshape(torch.Size(sample_shape) + self.event_shape)
 
+    def _pairwise_params(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.params.values())
+
     def _chunk(self, z: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
         """``log p(z)`` of rows ``z`` ``(r, D)``: ``logsumexp_k log q(z | theta_k) - log K``."""
         q = self.family.distribution_from_params(dict(zip(self.params, values)))
         return torch.logsumexp(q.log_prob(z.unsqueeze(-2)), -1) - math.log(self.num_components)
 
-    def _bytes_per_row(self, z: torch.Tensor) -> int:
-        """Bytes of activations one row keeps for the backward pass (measured on one row)."""
-        grad = torch.is_grad_enabled()
-        key = (z.dtype, z.device, grad)
+    def _saved_bytes(self, z: torch.Tensor) -> int:
+        """Bytes of tensors the log-density of rows ``z`` keeps for the backward pass."""
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()  # views and expansions share their base's memory
+            saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._chunk(z, *self._pairwise_params())
+        return sum(saved.values())
+
+    def _cost(self, z: torch.Tensor) -> tuple[int, int]:
+        """``(fixed, per_row)`` bytes of one chunk's saved activations, measured once per dtype,
+        device and grad mode on chunks of one and two rows."""
+        key = (z.dtype, z.device, torch.is_grad_enabled())
         if key not in self._row_bytes:
-            saved: dict[int, int] = {}
-
-            def pack(t: torch.Tensor) -> torch.Tensor:
-                saved[id(t)] = t.numel() * t.element_size()
-                return t
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self._chunk(z[:1], *self.params.values())
+            pair = z[:2] if z.shape[0] >= 2 else z[:1].repeat(2, 1)
+            one, two = self._saved_bytes(pair[:1].clone()), self._saved_bytes(pair.clone())
             # Without a graph nothing is saved: count the pairwise tensors of one pass instead.
             floor = 16 * self.num_components * z.shape[-1] * z.element_size()
-            self._row_bytes[key] = max(sum(saved.values()), floor)
+            per_row = max(two - one, floor)
+            self._row_bytes[key] = (max(one - per_row, 0), per_row)
         return self._row_bytes[key]
+
+    def rows_per_chunk(self, z: torch.Tensor) -> int:
+        """How many rows of ``z`` ``(rows, D)`` one chunk takes within ``max_bytes``."""
+        fixed, per_row = self._cost(z)
+        return max(1, (self.max_bytes - fixed) // per_row)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         batch = value.shape[:-1]
         z = value.reshape(-1, value.shape[-1])
-        rows = max(1, self.max_bytes // self._bytes_per_row(z))
-        values = tuple(self.params.values())
+        rows = self.rows_per_chunk(z)
+        values = self._pairwise_params()
         if z.shape[0] <= rows:
             out = self._chunk(z, *values)
         elif torch.is_grad_enabled():

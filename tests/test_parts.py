@@ -691,3 +691,41 @@ def test_full_rank_family_starts_diagonal():
     scale_tril = q(torch.randn(4, 6), None).scale_tril
     assert_close(scale_tril, torch.diag_embed(torch.diagonal(scale_tril, dim1=-2, dim2=-1)))
     assert bool((torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0).all())
+
+
+@pytest.mark.parametrize("family_name", ["iaf", "spline", "full_rank"])
+def test_vampprior_chunks_give_the_same_density_and_gradients(family_name, float64):
+    """The byte-bounded VampPrior (rows in chunks, each recomputed in the backward pass) gives
+    exactly the unchunked mixture's log-density and gradients, and each chunk keeps at most
+    ``max_bytes`` of activations for the backward pass."""
+    family = _family(family_name, latent_dim=2, num_features=3).double()
+    _perturb(family, 0.2)
+    prior = VampPrior(5, 3, family=family, bounds=None).double()
+    z = torch.randn(3, 7, 2, dtype=torch.float64)
+
+    def density_and_grads(max_bytes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        prior.max_bytes = max_bytes
+        prior._row_bytes.clear()
+        family.zero_grad()
+        prior.zero_grad()
+        value = prior().log_prob(z)
+        value.sum().backward()
+        grads = [p.grad.clone() for p in (*family.parameters(), prior.raw_pseudo_inputs)]
+        return value.detach(), grads
+
+    whole, whole_grads = density_and_grads(2**40)
+    q = family(prior.pseudo_inputs, None)
+    expected = torch.logsumexp(q.log_prob(z.unsqueeze(-2)), -1) - math.log(5)
+    assert_close(whole, expected, msg="the mixture of q(z|u_k)")
+    rows = z.reshape(-1, 2)
+    fixed, per_row = prior()._cost(rows)
+    budget = fixed + 3 * per_row
+    # a budget of about three rows: 21 rows go in several chunks, each recomputed in backward
+    chunked, chunked_grads = density_and_grads(budget)
+    chunk = prior().rows_per_chunk(rows)
+    assert 1 <= chunk < len(rows)
+    assert_close(chunked, whole, msg="chunked density")
+    for g, h in zip(chunked_grads, whole_grads):
+        assert_close(g, h, msg="chunked gradients")
+    # what one chunk keeps for the backward pass stays within the budget (storage accounting)
+    assert prior()._saved_bytes(rows[:chunk].clone()) <= 1.05 * budget
