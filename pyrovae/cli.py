@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20)")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--num-train", type=int, default=None, metavar="N",
+                   help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
                    help="share of the training split held out for validation (default: 0.1)")
     g.add_argument("--seed", type=int, default=0)
@@ -262,6 +264,8 @@ _RUN_OPTIONS = (
     "dataset", "binarize", "validation_fraction", "loss", "num_particles", "beta", "kl_warmup",
     "epochs", "batch_size", "lr", "seed", "checkpoint_every_steps", "clip_grad_norm",
 )
+# Run options that older runs did not save (absent means the default).
+_OPTIONAL_RUN_OPTIONS = ("num_train",)
 # Model options and the VAEConfig field each one sets.
 _MODEL_OPTIONS = {
     "latent_dim": "latent_dim", "hidden_dims": "hidden_dims", "activation": "activation",
@@ -331,6 +335,14 @@ def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
             )
         if dest not in given:
             setattr(args, dest, options[dest])
+    for dest in _OPTIONAL_RUN_OPTIONS:  # saved by newer runs only
+        if dest in given and getattr(args, dest) != options.get(dest):
+            raise ConfigError(
+                f"{_flag(dest)} {getattr(args, dest)} conflicts with the run's saved "
+                f"{dest}={options.get(dest)!r} in {run / CONFIG_NAME}; drop {_flag(dest)} to "
+                f"resume {run}, or start a new run"
+            )
+        setattr(args, dest, options.get(dest))
     args.out = run
     vae_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_fields.items()}
     try:
@@ -350,7 +362,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples"):
         if dest in args and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
-    for dest in ("eval_points", "checkpoint_every_steps"):
+    for dest in ("eval_points", "checkpoint_every_steps", "num_train"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
     if "hidden_dims" in args and any(h < 1 for h in args.hidden_dims):
@@ -377,6 +389,8 @@ def _train(args: argparse.Namespace) -> int:
     _loss(args.loss, args.num_particles)
     device = _device(args.device)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
+    if args.num_train is not None:
+        train_full = train_full.subset(min(args.num_train, len(train_full)))
     test = _load(args.dataset, "test", args.data_root, args.binarize)
     train, valid = _split_validation(train_full, args.validation_fraction, args.seed)
     config = saved_config or VAEConfig(
@@ -421,7 +435,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
     from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
     from .training import fit
 
-    cli = {k: getattr(args, k) for k in _RUN_OPTIONS}
+    cli = {k: getattr(args, k) for k in (*_RUN_OPTIONS, *_OPTIONAL_RUN_OPTIONS)}
     # Remembered so that 'pyrovae evaluate' and 'pyrovae gaps' find the same files.
     cli["data_root"] = str(Path(args.data_root).resolve()) if args.data_root else None
     save_config(out, config, cli=cli)
