@@ -78,6 +78,7 @@ def _per_draw_grads(loss, vae: VAE, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fam.loc.grad, fam.raw_scale.grad], 1)
 
 
+@torch.no_grad()
 def _analytic_beta_objective(lg: LinearGaussian, fam, x: torch.Tensor, beta: float) -> torch.Tensor:
     r"""E_q log p(x|z) - beta KL(q || N(0, I)) per datapoint, in closed form for Gaussian q."""
     q = fam(x)
