@@ -421,3 +421,27 @@ def test_global_latents_are_refused_by_iwae_but_not_by_the_elbo():
     a = ReparamELBO(1, max_plate_nesting=1).loss(model, guide, x)
     pyro.set_rng_seed(1)
     assert a == pytest.approx(Trace_ELBO().loss(model, guide, x), rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- the example
+def test_iwae_example_runs_in_smoke_mode(capsys, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "iwae.py"
+    spec = importlib.util.spec_from_file_location("iwae_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = module.main(["--smoke", "--objectives", "elbo,iwae5-dreg", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "test log p(x)" in out and "active" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "elbo" in lines and "iwae5-dreg" in lines
+    assert set(results) == {"elbo", "iwae5-dreg"}
+    for r in results.values():
+        assert math.isfinite(r["test_log_px"]) and -600 < r["test_log_px"] < 0
+        # K = 20 importance samples: log p(x) estimate above the one-sample ELBO
+        assert r["test_log_px"] > r["test_elbo"]
+        assert 0 <= r["active_units"] <= r["latent_dim"]
+        assert f"{r['test_log_px']:.2f}" in out
+    assert (tmp_path / "results.json").is_file()
