@@ -62,12 +62,15 @@ Gradients (``gradient=``):
     :math:`\mathbb E_q[\nabla_\phi \log q_\phi(z)] = 0`. Unbiased; zero variance when :math:`q`
     is the exact posterior.
 
-Both ``"dreg"`` and ``"stl"`` evaluate :math:`\log q_\phi(z)` at a value it did not itself
-produce (with :math:`z` fixed), which needs the family's transforms to have an inverse. Planar,
-radial, Sylvester, polynomial, block and neural autoregressive flows have none: those families
-are refused with a :class:`~pyrovae.errors.ConfigError` at the first step. A distribution (or
-transform) may declare the capability itself with a ``log_prob_anywhere`` (``has_inverse``)
-attribute; Pyro's transforms do not, so this module keeps a table of the ones without inverse.
+Both ``"dreg"`` and ``"stl"`` need a guide with one latent site (``"z"`` in a
+:class:`~pyrovae.VAE`): with several, one may depend on another inside the guide, and that path
+is not handled; such guides are refused. Both evaluate :math:`\log q_\phi(z)` at a value it did
+not itself produce (with :math:`z` fixed), which needs the family's transforms to have an
+inverse. Planar, radial, Sylvester, polynomial, block and neural autoregressive flows have none:
+those families are refused with a :class:`~pyrovae.errors.ConfigError` at the first step. A
+distribution (or transform) may declare the capability itself with a ``log_prob_anywhere``
+(``has_inverse``) attribute; Pyro's transforms do not, so this module keeps a table of the
+ones without inverse.
 
 Implementation. The guide is traced under a particle plate (``K`` draws at once, outermost dim),
 the model replayed against it. For ``"stl"`` and ``"dreg"``, with :math:`z` the guide's sample,
@@ -278,6 +281,14 @@ class _ParticleObjective(ELBO):
                         f"latent site {name!r} of the model has no counterpart in the guide; "
                         f"{self._name} needs the guide to sample every latent site"
                     )
+        latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+        if self.gradient != "standard" and len(latent) > 1:
+            # With several sites, one may depend on another inside the guide (z2 ~ q(z2 | z1)),
+            # and the path derivative through that dependence is not handled here.
+            raise ConfigError(
+                f"gradient={self.gradient!r} supports a guide with one latent site, this one has "
+                f"{len(latent)} ({', '.join(map(repr, latent))}); use gradient='standard'"
+            )
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site["is_observed"]:
                 if not site["fn"].has_rsample:

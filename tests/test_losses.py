@@ -445,3 +445,24 @@ def test_iwae_example_runs_in_smoke_mode(capsys, tmp_path):
         assert 0 <= r["active_units"] <= r["latent_dim"]
         assert f"{r['test_log_px']:.2f}" in out
     assert (tmp_path / "results.json").is_file()
+
+
+def test_path_gradients_refuse_a_guide_with_two_latent_sites():
+    def model(x):
+        with pyro.plate("data", 10, subsample=torch.arange(len(x))):
+            a = pyro.sample("a", dist.Normal(0.0, 1.0))
+            b = pyro.sample("b", dist.Normal(a, 1.0))
+            pyro.sample("x", dist.Normal(b, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with pyro.plate("data", 10, subsample=torch.arange(len(x))):
+            a = pyro.sample("a", dist.Normal(loc + 0 * x, 1.0))
+            pyro.sample("b", dist.Normal(a, 1.0))
+
+    x = torch.randn(5)
+    for loss in (IWAE(3, "dreg"), ReparamELBO(1, "stl")):
+        with pytest.raises(ConfigError, match="one latent site") as e:
+            loss.loss(model, guide, x)
+        assert "\n" not in str(e.value)
+    assert math.isfinite(IWAE(3).loss(model, guide, x))  # the standard gradient handles them
