@@ -77,7 +77,8 @@ the model replayed against it. For ``"stl"`` and ``"dreg"``, with :math:`z` the 
 
 .. math::
 
-    \log q^{\text{path}}(z) = \log q_\phi(z) - \big[\log q_\phi(\bar z) - \overline{\log q_\phi(\bar z)}\big]
+    \log q^{\text{path}}(z) = \log q_\phi(z)
+        - \big[\log q_\phi(\bar z) - \overline{\log q_\phi(\bar z)}\big]
 
 (a bar is ``detach``): the same value, and a gradient with the score term
 :math:`\partial_\phi \log q_\phi(z)|_{z}` removed. For ``"dreg"`` the path derivative must reach
@@ -281,7 +282,9 @@ class _ParticleObjective(ELBO):
                         f"latent site {name!r} of the model has no counterpart in the guide; "
                         f"{self._name} needs the guide to sample every latent site"
                     )
-        latent = [n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+        latent = [
+            n for n, s in guide_trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]
+        ]
         if self.gradient != "standard" and len(latent) > 1:
             # With several sites, one may depend on another inside the guide (z2 ~ q(z2 | z1)),
             # and the path derivative through that dependence is not handled here.
@@ -330,7 +333,9 @@ class _ParticleObjective(ELBO):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def differentiable_loss(self, model: Callable_, guide: Callable_, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def differentiable_loss(
+        self, model: Callable_, guide: Callable_, *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """The loss as a tensor whose gradient is the chosen estimator's (value: the loss)."""
         value, surrogate = self._value_and_surrogate(model, guide, args, kwargs)
         return value.detach() + _grad_only(surrogate)
@@ -341,7 +346,9 @@ class _ParticleObjective(ELBO):
             value, _ = self._value_and_surrogate(model, guide, args, kwargs)
         return torch_item(value)
 
-    def loss_and_grads(self, model: Callable_, guide: Callable_, *args: Any, **kwargs: Any) -> float:
+    def loss_and_grads(
+        self, model: Callable_, guide: Callable_, *args: Any, **kwargs: Any
+    ) -> float:
         """The loss (a float); backpropagates the surrogate (for :class:`pyro.infer.SVI`)."""
         value, surrogate = self._value_and_surrogate(model, guide, args, kwargs)
         if surrogate.requires_grad:
@@ -503,7 +510,10 @@ class ReparamELBO(_ParticleObjective):
             for site in trace.nodes.values():
                 if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
                     continue
-                lp = self._guide_log_prob(site, False) if sign < 0 else site["fn"].log_prob(site["value"])
+                if sign < 0:
+                    lp = self._guide_log_prob(site, False)
+                else:
+                    lp = site["fn"].log_prob(site["value"])
                 total = total + sign * _scale_and_mask(lp, site["scale"], site["mask"]).sum()
         elbo = torch.as_tensor(total) / self.num_particles
         return -elbo, -elbo
@@ -533,7 +543,7 @@ def _measure_renyi(num_epochs: int = 2, seed: int = 0) -> dict[str, float]:  # p
     out: dict[str, float] = {"num_epochs": num_epochs}
     with pyro.validation_enabled(False):
         for name, loss in (
-            ("renyi", RenyiELBO(alpha=0, num_particles=5, vectorize_particles=True, max_plate_nesting=1)),
+            ("renyi", RenyiELBO(0, num_particles=5, vectorize_particles=True, max_plate_nesting=1)),
             ("iwae", IWAE(num_particles=5, max_plate_nesting=1)),
             ("elbo", Trace_ELBO()),
         ):
