@@ -217,6 +217,9 @@ class _ParticleObjective(ELBO):
 
     _name = "loss"
     _gradients: tuple[str, ...] = ()
+    #: ``differentiable_loss`` reaches every parameter through autograd; the param store's
+    #: "param" sites are needed only by ``loss_and_grads`` under :class:`pyro.infer.SVI`.
+    needs_param_sites: bool = False
 
     def __init__(
         self,
