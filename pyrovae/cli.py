@@ -27,6 +27,7 @@ from .errors import ConfigError, PyrovaeError
 __all__ = ["main", "build_parser"]
 
 LOSSES = ("elbo", "meanfield", "iwae", "jit")
+GRADIENTS = ("standard", "dreg", "stl")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -80,9 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(t)
     g = t.add_argument_group("training")
     g.add_argument("--loss", default="elbo", choices=LOSSES,
-                   help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); "
-                   "iwae: RenyiELBO(alpha=0), the IWAE bound; jit: JitTrace_ELBO (compiled)")
-    g.add_argument("--num-particles", type=int, default=1, help="particles per datapoint (IWAE's k)")
+                   help="elbo: the ELBO (Trace_ELBO); meanfield: TraceMeanField_ELBO (analytic KL); "
+                   "iwae: the IWAE bound (pyrovae.losses.IWAE); jit: JitTrace_ELBO (compiled)")
+    g.add_argument("--num-particles", type=int, default=None,
+                   help="particles per datapoint (IWAE's k; default: 5 for iwae, 1 otherwise)")
+    g.add_argument("--gradient", default="standard", choices=GRADIENTS,
+                   help="the gradient estimator: standard (reparameterized); dreg (doubly "
+                   "reparameterized, Tucker et al. 2019; --loss iwae); stl (sticking the landing, "
+                   "Roeder et al. 2017; --loss elbo) (default: standard)")
     g.add_argument("--beta", type=float, default=1.0, help="weight on the KL term (default: 1)")
     g.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
     g.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20)")
@@ -186,23 +192,32 @@ def _load(dataset: str, split: str, root: Any, binarize: Any) -> Any:
     return load_dataset(dataset, split, root=root, binarize=binarize)
 
 
-def _loss(name: str, num_particles: int) -> Any:
-    from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+def _loss(name: str, num_particles: int | None, gradient: str = "standard") -> Any:
+    """The objective that ``--loss``, ``--num-particles`` and ``--gradient`` name."""
+    from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+    from .losses import IWAE, ReparamELBO
+
+    if num_particles is None:
+        num_particles = 5 if name == "iwae" else 1
     if num_particles < 1:
         raise ConfigError(f"--num-particles must be >= 1, got {num_particles}")
+    allowed = {"iwae": ("standard", "dreg"), "elbo": ("standard", "stl")}.get(name, ("standard",))
+    if gradient not in allowed:
+        fix = {"dreg": "--loss iwae", "stl": "--loss elbo"}.get(gradient, "--gradient standard")
+        raise ConfigError(f"--gradient {gradient} does not apply to --loss {name}; use {fix}")
+    vectorize = num_particles > 1
+    if name == "iwae":
+        return IWAE(num_particles=num_particles, gradient=gradient)
     if name == "elbo":
-        return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        if gradient == "stl":
+            return ReparamELBO(num_particles=num_particles, gradient="stl")
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize)
     if name == "meanfield":
-        return TraceMeanField_ELBO(
-            num_particles=num_particles, vectorize_particles=num_particles > 1
-        )
-    if name == "jit":
-        return JitTrace_ELBO(
-            num_particles=num_particles, vectorize_particles=num_particles > 1,
-            ignore_jit_warnings=True,
-        )
-    return RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=True)
+        return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize)
+    return JitTrace_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, ignore_jit_warnings=True
+    )
 
 
 def _split_validation(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -265,7 +280,7 @@ _RUN_OPTIONS = (
     "epochs", "batch_size", "lr", "seed", "checkpoint_every_steps", "clip_grad_norm",
 )
 # Run options that older runs did not save (absent means the default).
-_OPTIONAL_RUN_OPTIONS = ("num_train",)
+_OPTIONAL_RUN_OPTIONS = {"num_train": None, "gradient": "standard"}
 # Model options and the VAEConfig field each one sets.
 _MODEL_OPTIONS = {
     "latent_dim": "latent_dim", "hidden_dims": "hidden_dims", "activation": "activation",
@@ -336,13 +351,14 @@ def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
         if dest not in given:
             setattr(args, dest, options[dest])
     for dest in _OPTIONAL_RUN_OPTIONS:  # saved by newer runs only
-        if dest in given and getattr(args, dest) != options.get(dest):
+        saved_value = options.get(dest, _OPTIONAL_RUN_OPTIONS[dest])
+        if dest in given and getattr(args, dest) != saved_value:
             raise ConfigError(
                 f"{_flag(dest)} {getattr(args, dest)} conflicts with the run's saved "
-                f"{dest}={options.get(dest)!r} in {run / CONFIG_NAME}; drop {_flag(dest)} to "
+                f"{dest}={saved_value!r} in {run / CONFIG_NAME}; drop {_flag(dest)} to "
                 f"resume {run}, or start a new run"
             )
-        setattr(args, dest, options.get(dest))
+        setattr(args, dest, saved_value)
     args.out = run
     vae_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_fields.items()}
     try:
@@ -360,7 +376,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
         return ConfigError(f"{_flag(dest)} must be {need}, got {getattr(args, dest)}")
 
     for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples"):
-        if dest in args and getattr(args, dest) < 1:
+        if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
     for dest in ("eval_points", "checkpoint_every_steps", "num_train"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
@@ -386,7 +402,9 @@ def _train(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    _loss(args.loss, args.num_particles)
+    if args.num_particles is None:
+        args.num_particles = 5 if args.loss == "iwae" else 1
+    _loss(args.loss, args.num_particles, args.gradient)
     device = _device(args.device)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
     if args.num_train is not None:
@@ -407,7 +425,7 @@ def _train(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     vae = build_vae(config, num_data=len(train))
-    loss = _loss(args.loss, args.num_particles)
+    loss = _loss(args.loss, args.num_particles, args.gradient)
     out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not resuming and (out / CHECKPOINT_NAME).exists():
         raise ConfigError(f"--out {out} already holds a trained run; continue it with --resume {out} "
@@ -472,7 +490,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
                                 not args.no_progress)
     metrics.update(
         dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
-        loss=args.loss, num_particles=args.num_particles, beta=args.beta,
+        loss=args.loss, num_particles=args.num_particles, gradient=args.gradient, beta=args.beta,
         kl_warmup_epochs=args.kl_warmup, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, device=str(device), train_seconds=train_seconds,
         clip_grad_norm=args.clip_grad_norm, checkpoint_every_steps=args.checkpoint_every_steps,
