@@ -256,7 +256,8 @@ def psis_khat(w: torch.Tensor) -> torch.Tensor:
             warnings.simplefilter("ignore")  # ArviZ's own k-hat warnings: we issue ours
             _, k = arviz.psislw(np.ascontiguousarray(lw[finite]))
         khat[finite] = np.asarray(k, dtype=np.float64).reshape(-1)
-    spread = lw.max(1) - lw.min(1)
+    with np.errstate(invalid="ignore"):
+        spread = lw.max(1) - lw.min(1)
     khat[finite & np.isfinite(spread) & (spread <= _EQUAL_WEIGHTS_ATOL)] = -np.inf
     return torch.as_tensor(khat, dtype=w.dtype, device=w.device)
 
@@ -331,7 +332,8 @@ class _CallProgram(Program):
         return guide_trace, model_trace
 
     def weights(self, num_samples: int) -> torch.Tensor:
-        _, model_trace = self._traces(None, None, None)
+        with torch.random.fork_rng(), torch.no_grad():  # a probe: draws nothing from the stream
+            _, model_trace = self._traces(None, None, None)
         # the batch size: the size of the plate enclosing the first observed site
         obs = [s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"]]
         if not obs:
@@ -343,17 +345,6 @@ class _CallProgram(Program):
         probe = torch.zeros(batch)
         self.analyze(probe, torch.arange(batch))
         return self.log_weights(probe, torch.arange(batch), num_samples)
-
-    def log_weights(self, x: torch.Tensor, idx: torch.Tensor, num_samples: int) -> torch.Tensor:
-        guide_trace, model_trace = self._traces(x, idx, num_samples)
-        batch = int(x.shape[0])
-        w = torch.zeros(num_samples, batch)
-        for name, site in model_trace.nodes.items():
-            if _scored(site):
-                w = w + self.site_log_prob(site, num_samples, batch)
-                if not site["is_observed"]:
-                    w = w - self.site_log_prob(guide_trace.nodes[name], num_samples, batch)
-        return w
 
 
 def _weight_batches(
@@ -476,6 +467,14 @@ def log_likelihood(
             f"importance sampling is not to be trusted: {result.reliability()}; the proposal "
             "q(z|x) is too narrow for the posterior: increase num_samples, use a more flexible "
             "family, or estimate log p(x) by pyrovae.ais",
+            ImportanceSamplingWarning,
+            stacklevel=3,
+        )
+    elif result.num_nonfinite:
+        warnings.warn(
+            f"log p(x) is not finite for {result.num_nonfinite} of {result.num_datapoints} "
+            f"datapoints ({result.why_not_finite()}); check that the data lie in the "
+            "likelihood's support",
             ImportanceSamplingWarning,
             stacklevel=3,
         )
