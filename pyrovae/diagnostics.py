@@ -364,7 +364,7 @@ def kl_per_dimension(
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     check_positive_int(batch_size, "batch_size")
-    latent_dim = int(vae.latent_dim)
+    latent_dim = int(_check_vae(vae).latent_dim)
     totals: list[torch.Tensor] = []
     dims: list[torch.Tensor] | None = []
     analytic = True
