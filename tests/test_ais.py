@@ -179,3 +179,28 @@ def test_schedule_and_errors(lg):
         ais("vae", x)
     with pytest.raises(ConfigError, match="example"):
         bdmc((vae.model, vae.guide), 3)
+
+
+def test_ais_and_bdmc_score_a_plain_pair(lg):
+    """A (model, guide) pair written as in Pyro's VAE tutorial (sites "latent" and "obs", plate
+    "data" of len(x)): AIS matches the closed form, BDMC simulates from the pair's model."""
+    W, b, s = lg.W, lg.b, lg.s
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("latent", dist.Normal(x.new_zeros(len(x), lg.L), 1.0).to_event(1))
+            pyro.sample("obs", dist.Normal(z @ W.T + b, s).to_event(1), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("latent", dist.Normal(x.new_zeros(len(x), lg.L), 1.5).to_event(1))
+
+    x = lg.sample_x(6)
+    r = ais((model, guide), x, num_intermediate=200, num_chains=32, leapfrog_steps=5, seed=0)
+    _assert_matches(r, lg.log_px(x))
+    sandwich = bdmc((model, guide), 10, example=x, num_intermediate=60, num_chains=8,
+                    leapfrog_steps=5, is_samples=(100,), seed=0)
+    assert sandwich.data.shape == (10, lg.D)
+    exact = float(lg.log_px(sandwich.data).mean())
+    assert sandwich.lower.mean - 0.05 < exact < sandwich.upper.mean + 0.05
+    assert sandwich.mean < 0.2
