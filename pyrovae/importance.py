@@ -71,6 +71,7 @@ from .evaluation import (
     evaluating,
     mean_stderr,
     refuse_local,
+    rows_per_chunk,
 )
 
 __all__ = [
@@ -365,7 +366,7 @@ def _weight_batches(
 
         for sub, x, idx in _fitted_programs(program, data, **(local_options or {})):
             sub.analyze(x, idx)
-            yield _draw(sub, x, idx, num_samples, max(1, max_bytes // (sub.row_bytes * 4)))
+            yield _draw(sub, x, idx, num_samples, rows_per_chunk(sub, max_bytes, max_rows))
         return
     if local != "lookup":
         refuse_local(program, desc)
