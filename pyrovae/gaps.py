@@ -222,13 +222,23 @@ def _local_program(vae: Any, q: Callable[[], Any]) -> Program:
     return Program(vae.model, guide, vae=vae, modules=[vae], takes_idx=True)
 
 
+def _check_reparameterized(program: Program, x: torch.Tensor, idx: torch.Tensor) -> None:
+    """q* is found by reparameterized gradients: refuse a guide site that cannot give them."""
+    from pyro import poutine
+
+    with torch.random.fork_rng(), torch.no_grad(), poutine.block():
+        trace = poutine.trace(program.guide).get_trace(*program.args(x, idx))
+    for name in program.latent:
+        if not getattr(trace.nodes[name]["fn"], "has_rsample", False):
+            raise ConfigError(
+                f"L[q*] needs reparameterized gradients, but the guide's site {name!r} "
+                f"({type(trace.nodes[name]['fn']).__name__}) has no rsample"
+            )
+
+
 def _check_family(vae: Any) -> Any:
     if isinstance(vae, (tuple, list)):
-        raise ConfigError(
-            "gap analysis needs a pyrovae.VAE: a (model, guide) pair's guide has shared network "
-            "weights, not per-datapoint parameters that can be optimized generically; wrap the "
-            "networks in pyrovae parts (a family with local_params) to get L[q*]"
-        )
+        return None  # a plain pair: its guide's distribution parameters are optimized (_PairLocal)
     family = getattr(vae, "family", None)
     if not (
         callable(getattr(family, "local_params", None))
@@ -259,6 +269,79 @@ def _start_params(family: Any, x: torch.Tensor, idx: torch.Tensor, lookup: bool)
                 for k, v in tables.items()}
 
 
+class _FamilyLocal:
+    """Per-datapoint parameters of a pyrovae family: ``local_params`` / ``distribution_from_params``."""
+
+    def __init__(self, vae: Any, lookup: bool) -> None:
+        self.vae, self.lookup = vae, lookup
+        self.name = type(vae.family).__name__
+
+    def start(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _start_params(self.vae.family, x, idx, self.lookup)
+
+    def program(self, params: dict[str, torch.Tensor]) -> Program:
+        family = self.vae.family
+        return _local_program(self.vae, lambda: family.distribution_from_params(params))
+
+
+class _PairLocal:
+    r"""Per-datapoint parameters of a plain guide, found generically: the parameters
+    (``arg_constraints``) of each latent site's distribution in the guide's trace, mapped to
+    the reals by ``biject_to``; the distribution is rebuilt from them by its own class
+    (``Normal(loc, scale)``, ``MultivariateNormal(loc, scale_tril=...)``, ...). A guide site
+    that is not such a distribution (a flow) has no parameters to optimize generically: refused.
+    """
+
+    name = "the guide"
+
+    def __init__(self, program: Program) -> None:
+        self.p = program
+
+    def start(self, x: torch.Tensor, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        from pyro import poutine
+        from torch.distributions import biject_to
+
+        with torch.random.fork_rng(), torch.no_grad(), poutine.block():  # draws nothing
+            trace = poutine.trace(self.p.guide).get_trace(*self.p.args(x, idx))
+        self.sites: dict[str, tuple[type, int, dict[str, Any]]] = {}
+        params = {}
+        for name in self.p.latent:
+            fn = trace.nodes[name]["fn"]
+            event = 0
+            while isinstance(fn, torch.distributions.Independent):
+                event += fn.reinterpreted_batch_ndims
+                fn = fn.base_dist
+            constraints = getattr(fn, "arg_constraints", None)
+            held = {k: c for k, c in (constraints or {}).items()
+                    if isinstance(fn.__dict__.get(k), torch.Tensor)}
+            if isinstance(fn, torch.distributions.TransformedDistribution) or not held:
+                raise ConfigError(
+                    f"gaps of a (model, guide) pair optimizes the parameters of each guide "
+                    f"site's distribution; site {name!r} is a {type(fn).__name__}, which has none "
+                    "that can be optimized generically (use a pyrovae VAE with a family)"
+                )
+            self.sites[name] = (type(fn), event, held)
+            for k, c in held.items():
+                value = fn.__dict__[k].detach()
+                params[f"{name}.{k}"] = biject_to(c).inv(value).clone()
+        return params
+
+    def program(self, params: dict[str, torch.Tensor]) -> Program:
+        import pyro
+        from torch.distributions import biject_to
+
+        p, sites = self.p, self.sites
+
+        def guide(x: torch.Tensor, *rest: Any) -> None:
+            with pyro.plate(p.data_plate, x.shape[0], dim=p.data_dim):
+                for name, (cls, event, held) in sites.items():
+                    kwargs = {k: biject_to(c)(params[f"{name}.{k}"]) for k, c in held.items()}
+                    d = cls(**kwargs)
+                    pyro.sample(name, d.to_event(event) if event else d)
+
+        return Program(p.model, guide, modules=p.modules, takes_idx=p.takes_idx)
+
+
 def _optimize_batch(
     vae: Any,
     x: torch.Tensor,
@@ -284,18 +367,18 @@ def _optimize_batch(
 
     :returns: the best parameters (detached) and the number of steps taken.
     """
-    family = vae.family
-    start = _start_params(family, x, idx, lookup)
+    local = vae if isinstance(vae, (_PairLocal, _FamilyLocal)) else _FamilyLocal(vae, lookup)
+    start = local.start(x, idx)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in start.items()}
     if not params:
-        raise ConfigError(f"{type(family).__name__}.local_params returned no parameters")
+        raise ConfigError(f"{local.name}.local_params returned no parameters")
     for k, v in params.items():
         if v.dim() == 0 or v.shape[0] != x.shape[0]:
             raise ConfigError(
-                f"{type(family).__name__}.local_params()[{k!r}] has shape {tuple(v.shape)}; "
+                f"{local.name}.local_params()[{k!r}] has shape {tuple(v.shape)}; "
                 f"local parameters must have the batch size {x.shape[0]} first"
             )
-    proposal = _local_program(vae, lambda: family.distribution_from_params(params))
+    proposal = local.program(params)
     proposal.analyze(x, idx)
     optimizer = torch.optim.Adam(list(params.values()), lr=lr)
     leaves = list(params.values())
@@ -407,7 +490,9 @@ def _optimized_batches(
 ) -> Any:
     """Yield ``(program, x, idx, steps)`` per batch: ``program`` scores the batch's optimized
     per-datapoint distributions against the model (decoder fixed)."""
-    _check_family(vae)
+    program = Program.resolve(vae, "vae")
+    if program.vae is not None:
+        _check_family(vae)
     num_steps = check_positive_int(num_steps, "num_steps")
     num_particles = check_positive_int(num_particles, "num_particles")
     batch_size = check_positive_int(batch_size, "batch_size")
@@ -418,7 +503,6 @@ def _optimized_batches(
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
         raise ConfigError(f"tol must be a finite number >= 0 (nats per datapoint), got {tol!r}")
     tol = float(tol)
-    program = Program.resolve(vae, "vae")
     dataset = program.dataset(data)
     n = len(dataset)
     device = program.device()
@@ -435,13 +519,15 @@ def _optimized_batches(
             x, idx = torch.as_tensor(x).to(device), torch.as_tensor(idx).to(device)
             if start == 0:
                 program.check_data(x)
+                program.analyze(x, idx)
+                if program.vae is None:
+                    _check_reparameterized(program, x, idx)
+            local = _PairLocal(program) if program.vae is None else _FamilyLocal(vae, lookup)
             params, n_steps = _optimize_batch(
-                vae, x, idx, num_steps=num_steps, lr=lr, num_particles=num_particles,
+                local, x, idx, num_steps=num_steps, lr=lr, num_particles=num_particles,
                 check_every=check_every, tol=tol, max_decays=max_decays, lookup=lookup,
             )
-            sub = _local_program(
-                vae, lambda params=params: vae.family.distribution_from_params(params)
-            )
+            sub = local.program(params)
             yield sub, x, idx, n_steps
             bar.update(x.shape[0])
 
@@ -516,8 +602,11 @@ def gaps(
     ``estimator_failure`` message instead of presenting the numbers as gaps.
 
     :param vae: a :class:`~pyrovae.VAE` whose family has ``local_params`` and
-        ``distribution_from_params`` (every pyrovae family). A ``(model, guide)`` pair is
-        refused: its guide has no per-datapoint parameters to optimize generically.
+        ``distribution_from_params`` (every pyrovae family), or a ``(model, guide)`` pair: then
+        :math:`q^*` optimizes the parameters of each guide site's distribution per datapoint
+        (``Normal(loc, scale)``, ``MultivariateNormal(loc, scale_tril)``, ...: see
+        :class:`_PairLocal`); a guide site without such parameters (a flow) or without
+        ``rsample`` is refused in one line.
     :param data: a tensor ``(num_datapoints, num_features)`` or a dataset of ``(x, idx)``
         (e.g. 1000 test digits; the cost is linear in their number).
     :param num_samples: ``K``, importance samples per datapoint for :math:`\log p(x)`.
