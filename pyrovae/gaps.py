@@ -519,8 +519,8 @@ def _optimized_batches(
             x, idx = torch.as_tensor(x).to(device), torch.as_tensor(idx).to(device)
             if start == 0:
                 program.check_data(x)
-                program.analyze(x, idx)
-                if program.vae is None:
+                if program.vae is None:  # (a VAE's per-datapoint family is not run on new data)
+                    program.analyze(x, idx)
                     _check_reparameterized(program, x, idx)
             local = _PairLocal(program) if program.vae is None else _FamilyLocal(vae, lookup)
             params, n_steps = _optimize_batch(
