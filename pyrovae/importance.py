@@ -62,7 +62,6 @@ from ._checks import check_positive_int
 from .errors import ConfigError, ImportanceSamplingWarning
 from .evaluation import (
     DEFAULT_MAX_BYTES,
-    _scored,
     Estimate,
     Program,
     check_budget,
