@@ -186,9 +186,11 @@ def _objective_name(loss: Any, beta: float, kl_warmup_epochs: float) -> str:
 
     base = getattr(loss, "objective", None)  # a loss may declare what it estimates
     if not isinstance(base, str):
+        k = getattr(loss, "num_particles", 1)
         if isinstance(loss, RenyiELBO):
-            k = loss.num_particles
             base = f"iwae(k={k})" if loss.alpha == 0 else f"renyi(α={loss.alpha:g}, k={k})"
+        elif type(loss).__name__ == "IWAE":  # pyrovae.losses.IWAE
+            base = f"iwae(k={k})"
         else:
             base = "elbo"
     if beta != 1.0:
@@ -197,6 +199,22 @@ def _objective_name(loss: Any, beta: float, kl_warmup_epochs: float) -> str:
     if kl_warmup_epochs:
         base += f" + KL warm-up ({kl_warmup_epochs:g} epochs)"
     return base
+
+
+def _set_plate_nesting(loss: Any, data_plates: int) -> None:
+    """Set an unset ``max_plate_nesting`` of a vectorized loss through its public attribute.
+
+    Pyro's losses count the particle plate in it; pyrovae's (:mod:`pyrovae.losses`) count the
+    model's plates only and put the particle plate left of them. A loss from elsewhere keeps
+    its own guess.
+    """
+    if not getattr(loss, "vectorize_particles", False) or loss.max_plate_nesting != math.inf:
+        return
+    module = type(loss).__module__
+    if module.startswith("pyro."):
+        loss.max_plate_nesting = data_plates + (loss.num_particles > 1)
+    elif module.startswith("pyrovae."):
+        loss.max_plate_nesting = data_plates
 
 
 def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0) -> Objective:
@@ -217,11 +235,13 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
             "a JIT loss compiles the KL weight as a constant, so KL warm-up would recompile it at "
             "every step; use Trace_ELBO() (or no warm-up) with kl_warmup_epochs"
         )
-    if getattr(loss, "vectorize_particles", False) and loss.max_plate_nesting == math.inf:
-        loss.max_plate_nesting = getattr(vae, "max_plate_nesting", 1) + (loss.num_particles > 1)
+    _set_plate_nesting(loss, getattr(vae, "max_plate_nesting", 1))
     # Trace_ELBO-like losses differentiate a tensor built from the module's own parameters; the
-    # rest look for "param" sites (RenyiELBO's loss_and_grads, the JIT's parameter capture).
-    registers = _is_jit(loss) or not hasattr(loss, "differentiable_loss")
+    # rest look for "param" sites (RenyiELBO's loss_and_grads, the JIT's parameter capture). A
+    # loss may declare which it is (pyrovae.losses: ``needs_param_sites``).
+    registers = getattr(loss, "needs_param_sites", None)
+    if registers is None:
+        registers = _is_jit(loss) or not hasattr(loss, "differentiable_loss")
     model, guide = (vae.model, vae.guide) if registers else (vae._model, vae._guide)
     return Objective(loss, model, guide, float(beta), float(kl_warmup_epochs),
                      _objective_name(loss, float(beta), float(kl_warmup_epochs)))
