@@ -42,6 +42,8 @@ from .diagnostics import (
 )
 from .gaps import GapResult, gaps, plot_gaps
 from .importance import IWAEBounds, LogLikelihood, elbo, iwae_bounds, log_likelihood, log_weights
+from .ais import AISResult, BDMCResult, ais, bdmc
+from .evaluation import Estimate
 from .losses import IWAE, ReparamELBO
 from .likelihoods import (
     Bernoulli,
@@ -76,6 +78,11 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "log_likelihood",
+    "ais",
+    "bdmc",
+    "AISResult",
+    "BDMCResult",
+    "Estimate",
     "elbo",
     "log_weights",
     "LogLikelihood",

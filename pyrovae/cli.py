@@ -1,5 +1,6 @@
-"""The ``pyrovae`` command line: ``pyrovae train`` (the main job), ``pyrovae evaluate`` and
-``pyrovae gaps`` (approximation and amortization gaps of trained runs).
+"""The ``pyrovae`` command line: ``pyrovae train`` (the main job), ``pyrovae evaluate`` (IS or
+AIS), ``pyrovae bdmc`` (the BDMC sandwich on simulated data) and ``pyrovae gaps``
+(approximation and amortization gaps of trained runs).
 
 ``pyrovae train`` with no arguments trains a VAE on the bundled MNIST sample, prints per-epoch
 progress, the test ELBO and the importance-sampled test log-likelihood, and writes a run folder
@@ -127,17 +128,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples K per test datapoint (default: 1000)")
     e.add_argument("--eval-points", type=int, default=None,
                    help="evaluate on the first N test datapoints (default: all)")
+    e.add_argument("--check-points", type=int, default=100, metavar="N",
+                   help="run AIS on the first N test points beside IS, to say how far the IS "
+                   "figure can be trusted (default: 100; 0 skips it)")
+    e.add_argument("--ais-steps", type=int, default=100,
+                   help="AIS intermediate distributions for the check (default: 100)")
+    e.add_argument("--ais-chains", type=int, default=4, help="AIS chains per point (default: 4)")
 
-    v = sub.add_parser("evaluate", help="importance-sampled log-likelihood of a trained run")
+    v = sub.add_parser("evaluate", help="test log-likelihood of a trained run (IS or AIS)")
     v.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
-    v.add_argument("--num-samples", type=int, default=5000, help="K (default: 5000)")
-    v.add_argument("--eval-points", type=int, default=None)
+    v.add_argument("--estimator", default="is", choices=("is", "ais"),
+                   help="is: importance sampling with the encoder (with an AIS check on "
+                   "--check-points points); ais: annealed importance sampling on every point "
+                   "(default: is)")
+    v.add_argument("--num-samples", type=int, default=5000,
+                   help="importance samples K per datapoint (default: 5000)")
+    v.add_argument("--eval-points", type=int, default=None,
+                   help="the first N datapoints of the split (default: all)")
+    v.add_argument("--check-points", type=int, default=100, metavar="N",
+                   help="with --estimator is: AIS on the first N points beside IS (default: 100; "
+                   "0 skips it)")
+    v.add_argument("--ais-steps", type=int, default=1000,
+                   help="AIS intermediate distributions (default: 1000)")
+    v.add_argument("--ais-chains", type=int, default=4, help="AIS chains per point (default: 4)")
+    v.add_argument("--leapfrog-steps", type=int, default=10,
+                   help="leapfrog steps per HMC transition (default: 10)")
+    v.add_argument("--format", default="json", choices=("json", "csv"),
+                   help="the result file's format (default: json); never overwrites an earlier one")
+    v.add_argument("--per-datapoint", action="store_true",
+                   help="also write each datapoint's estimate (and k-hat, ESS for IS)")
     v.add_argument("--data-root", default=None,
                    help="folder holding the data files (default: the run's own, else $PYROVAE_DATA)")
-    v.add_argument("--split", default="test")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="cpu")
-    v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--split", default="test", help="the split to score (default: test)")
+    v.add_argument("--seed", type=int, default=0, help="seeds the draws (default: 0)")
+    v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    b = sub.add_parser("bdmc", help="the BDMC sandwich of log p(x) on data simulated from a run's "
+                       "model (Grosse et al. 2015), with IS beside it")
+    b.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
+    b.add_argument("--points", type=int, default=100, help="simulated datapoints (default: 100)")
+    b.add_argument("--ais-steps", type=int, default=1000,
+                   help="intermediate distributions of forward and reverse AIS (default: 1000)")
+    b.add_argument("--ais-chains", type=int, default=4, help="chains per point (default: 4)")
+    b.add_argument("--leapfrog-steps", type=int, default=10, help="per transition (default: 10)")
+    b.add_argument("--is-samples", type=int, nargs="+", default=[1000, 5000],
+                   help="the K of the IS estimates placed in the sandwich (default: 1000 5000)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--no-progress", action="store_true")
 
     gp = sub.add_parser(
         "gaps", help="approximation and amortization gaps of trained runs (Cremer et al. 2018)"
@@ -157,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all test points, the exact mixture; for a flow family, whose "
                     "density at another point costs an inverse, e.g. 100 is much faster and "
                     "slightly biased)")
+    gp.add_argument("--estimator", default="best", choices=("best", "is", "ais"),
+                    help="log p(x) for the gaps: best (the larger of IS and AIS, as Cremer et "
+                    "al.), is or ais (default: best)")
     gp.add_argument("--data-root", default=None,
                     help="folder holding the data files (default: each run's own, else $PYROVAE_DATA)")
     gp.add_argument("--seed", type=int, default=0)
@@ -251,38 +293,86 @@ def _fixed_test_set(test: Any, eval_points: int | None, seed: int) -> Any:
     return test
 
 
-def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress: bool) -> dict:
+def _local(vae: Any) -> dict[str, Any]:
+    """Estimator options for a per-datapoint family: score new points by fitting their own
+    parameters with the decoder fixed (it holds none for them)."""
+    from .families import capability
+
+    return {"local": "fit"} if capability(vae.family, "per_datapoint") else {}
+
+
+def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress: bool, *,
+                      check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4) -> dict:
+    """Print and return the test ELBO, the importance-sampled log p(x) with its diagnostics, and
+    (``check_points`` > 0) AIS on the first test points beside IS on the same points: how far
+    the IS figure can be trusted."""
     from .importance import elbo, log_likelihood
 
+    local = _local(vae)
     t0 = time.perf_counter()
-    test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress)
-    ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress)
+    test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress, **local)
+    ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress, **local)
     seconds = time.perf_counter() - t0
     print(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
           f"(10 samples per datapoint, n={len(test_elbo.values)})")
     print(f"test log-likelihood  {ll.mean:9.2f} ± {ll.stderr:.2f} nats "
           f"(importance sampling, K={ll.num_samples}, n={len(ll.values)})")
-    share = ll.unreliable_share
-    reliability: dict[str, Any] = {}
-    if share == share:  # not NaN: k-hat was computed
-        mean_ess = float(ll.ess.mean()) if ll.ess is not None else float("nan")
-        verdict = "reliable" if share < 0.05 else "NOT reliable for these datapoints"
-        print(f"PSIS k-hat > 0.7 for {100 * share:.1f}% of datapoints, mean ESS {mean_ess:.1f} "
-              f"of {ll.num_samples} ({verdict})")
-        reliability = {"khat_above_0.7_share": share, "mean_ess": mean_ess}
-    return {
-        "test_elbo": {"mean": test_elbo.mean, "stderr": test_elbo.stderr, "num_samples": 10,
-                      "num_datapoints": len(test_elbo.values)},
-        "test_log_likelihood": {"mean": ll.mean, "stderr": ll.stderr, "num_samples": ll.num_samples,
-                                "num_datapoints": len(ll.values), **reliability},
+    for result in (test_elbo, ll):
+        why = result.why_not_finite()
+        if why:
+            print(f"  not finite: {why}")
+    reliability = ll.reliability()
+    if reliability:
+        print(f"importance weights: {reliability}")
+    metrics: dict[str, Any] = {
+        "test_elbo": {**test_elbo.to_dict(), "num_samples": 10},
+        "test_log_likelihood": ll.to_dict(),
         "evaluation_seconds": seconds,
     }
+    if check_points:
+        metrics["ais_check"] = _ais_check(vae, test, ll, check_points, ais_steps, ais_chains,
+                                          seed, progress)
+    return metrics
+
+
+def _ais_check(vae: Any, test: Any, ll: Any, points: int, steps: int, chains: int, seed: int,
+               progress: bool) -> dict:
+    """AIS on the first ``points`` test datapoints beside IS's values on the same points."""
+    from .ais import ais
+
+    n = min(points, len(ll.values))
+    t0 = time.perf_counter()
+    a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n], num_intermediate=steps,
+            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_local(vae))
+    diff = a.values - ll.values[:n]
+    finite = torch.isfinite(diff)
+    d = float(diff[finite].mean()) if bool(finite.any()) else float("nan")
+    se = float(diff[finite].std() / finite.sum().sqrt()) if int(finite.sum()) > 1 else float("nan")
+    if d != d:
+        verdict = "AIS and IS could not be compared (non-finite values)"
+    elif d > 2 * se:
+        verdict = (f"IS is {d:.2f} ± {se:.2f} nats below AIS on these points: the IS figure is "
+                   f"low by at least that much (AIS is a stochastic lower bound too); raise "
+                   "--num-samples or use a more flexible family")
+    elif d < -2 * se:
+        verdict = (f"AIS is {-d:.2f} ± {se:.2f} nats below IS on these points: AIS has not "
+                   "converged (raise --ais-steps); the IS figure stands")
+    else:
+        verdict = (f"IS and AIS agree within {abs(d):.2f} ± {se:.2f} nats on these points: "
+                   "the IS figure can be trusted to about that")
+    print(f"AIS check on the first {n} test points (T={steps}, {chains} chains, acceptance "
+          f"{float(a.acceptance.mean()):.2f}): AIS {a.mean:.2f}, IS {float(ll.values[:n].mean()):.2f}; "
+          f"{verdict}")
+    return {"num_datapoints": n, "num_intermediate": steps, "num_chains": chains,
+            "ais": a.to_dict(), "is_mean_same_points": float(ll.values[:n].mean()),
+            "ais_minus_is": {"mean": d, "stderr": se}, "verdict": verdict,
+            "seconds": time.perf_counter() - t0}
 
 
 # Options of `pyrovae train` that a resumed run may change; every other one is the run's own.
 _RESUME_MAY_CHANGE = frozenset({
     "epochs", "checkpoint_every_steps", "clip_grad_norm", "device", "data_root", "num_samples",
-    "eval_points", "no_progress", "resume", "out",
+    "eval_points", "no_progress", "resume", "out", "check_points", "ais_steps", "ais_chains",
 })
 # The run's data and training options saved in config.json ("cli"); the model is under "vae".
 _RUN_OPTIONS = (
@@ -385,7 +475,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     def bad(dest: str, need: str) -> ConfigError:
         return ConfigError(f"{_flag(dest)} must be {need}, got {getattr(args, dest)}")
 
-    for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples"):
+    for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples",
+                 "ais_steps", "ais_chains", "leapfrog_steps", "points"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
     for dest in ("eval_points", "checkpoint_every_steps", "num_train"):
@@ -399,6 +490,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise bad(dest, "a positive finite number")
     if "kl_warmup" in args and not (math.isfinite(args.kl_warmup) and args.kl_warmup >= 0):
         raise bad("kl_warmup", "a finite number >= 0")
+    if getattr(args, "check_points", 0) < 0:
+        raise bad("check_points", "an integer >= 0")
+    if any(k < 1 for k in getattr(args, "is_samples", ())):
+        raise bad("is_samples", "positive integers")
     if "seed" in args and args.seed < 0:
         raise bad("seed", "a non-negative integer")
 
@@ -535,7 +630,8 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
 
     test = _fixed_test_set(test, args.eval_points, args.seed)
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
-                                not args.no_progress)
+                                not args.no_progress, check_points=args.check_points,
+                                ais_steps=args.ais_steps, ais_chains=args.ais_chains)
     metrics.update(
         dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
         loss=args.loss, num_particles=args.num_particles, gradient=args.gradient, beta=args.beta,
@@ -567,28 +663,120 @@ def _resume_command(run: Path, world: int | None = None) -> str:
     return f"{launcher} train --resume {run}"
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from .checkpoint import CONFIG_NAME, load_model, read_config
+def _run_options(run: Path, what: str) -> dict[str, Any]:
+    """The ``pyrovae train`` options saved in a run folder (refusing other folders)."""
+    from .checkpoint import CONFIG_NAME, read_config
 
-    if not args.run.is_dir():
-        raise ConfigError(f"{args.run} is not a folder; pass a run folder written by 'pyrovae train'")
-    _check_numbers(args)
-    device = _device(args.device)
-    options = read_config(args.run).get("cli")
+    if not run.is_dir():
+        raise ConfigError(f"{run} is not a folder; pass a run folder written by 'pyrovae train'")
+    options = read_config(run).get("cli")
     if not isinstance(options, dict) or "dataset" not in options:
         raise ConfigError(
-            f"{args.run / CONFIG_NAME} names no dataset (the run was not written by 'pyrovae "
-            "train'); evaluate it in Python with pyrovae.load_model and pyrovae.log_likelihood"
+            f"{run / CONFIG_NAME} names no dataset (the run was not written by 'pyrovae "
+            f"train'); {what} it in Python with pyrovae.load_model"
         )
+    return options
+
+
+def _unused_path(path: Path) -> Path:
+    """``path``, or ``stem-2.ext``, ``stem-3.ext``, ... : never overwrite an earlier result."""
+    k = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+        k += 1
+    return candidate
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+
+    _check_numbers(args)
+    options = _run_options(args.run, "evaluate")
+    device = _device(args.device)
     vae = load_model(args.run, device=device)
     test = _load(options["dataset"], args.split, args.data_root or options.get("data_root"),
                  options.get("binarize"))
-    test = _fixed_test_set(test, args.eval_points, args.seed)
-    print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points)")
-    metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
-                                not args.no_progress)
-    path = args.run / f"evaluation-{args.split}-K{args.num_samples}.json"
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    test = _fixed_test_set(test, args.eval_points, args.seed).to(device)
+    print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points, "
+          f"{args.estimator})")
+    progress = not args.no_progress
+    if args.estimator == "ais":
+        from .ais import ais
+
+        t0 = time.perf_counter()
+        result = ais(vae, test, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
+                     leapfrog_steps=args.leapfrog_steps, seed=args.seed, progress=progress,
+                     **_local(vae))
+        print(f"test log-likelihood  {result.mean:9.2f} ± {result.stderr:.2f} nats (AIS, "
+              f"T={args.ais_steps}, {args.ais_chains} chains, {args.leapfrog_steps} leapfrog "
+              f"steps, acceptance {float(result.acceptance.mean()):.2f}, n={len(result.values)})")
+        why = result.why_not_finite()
+        if why:
+            print(f"  not finite: {why}")
+        metrics = {"test_log_likelihood": result.to_dict(args.per_datapoint),
+                   "evaluation_seconds": time.perf_counter() - t0}
+        name = f"evaluation-{args.split}-ais-T{args.ais_steps}"
+    else:
+        metrics = _report_estimates(vae, test, args.num_samples, args.seed, progress,
+                                    check_points=args.check_points, ais_steps=args.ais_steps,
+                                    ais_chains=args.ais_chains)
+        if args.per_datapoint:
+            from .importance import log_likelihood
+
+            ll = log_likelihood(vae, test, num_samples=args.num_samples, seed=args.seed,
+                                **_local(vae))
+            metrics["test_log_likelihood"] = ll.to_dict(per_datapoint=True)
+        name = f"evaluation-{args.split}-is-K{args.num_samples}"
+    metrics.update(estimator=args.estimator, split=args.split, seed=args.seed,
+                   eval_points=len(test), versions=_versions())
+    path = _unused_path(args.run / f"{name}.{args.format}")
+    if args.format == "json":
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+    else:
+        _write_csv(path, metrics)
+    print(f"wrote {path}")
+    return 0
+
+
+def _write_csv(path: Path, metrics: dict[str, Any]) -> None:
+    """One row per datapoint (``--per-datapoint``) or one summary row, with a header."""
+    import csv
+
+    ll = metrics["test_log_likelihood"]
+    per = ll.get("per_datapoint")
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        if per:
+            columns = [k for k, v in per.items() if isinstance(v, list)]
+            writer.writerow(["index", *columns])
+            for i in range(len(per[columns[0]])):
+                writer.writerow([i, *(per[c][i] for c in columns)])
+        else:
+            keys = [k for k, v in ll.items() if not isinstance(v, (dict, list))]
+            writer.writerow(keys)
+            writer.writerow([ll[k] for k in keys])
+
+
+def _bdmc(args: argparse.Namespace) -> int:
+    from .ais import bdmc
+    from .checkpoint import load_model
+
+    _check_numbers(args)
+    _run_options(args.run, "run BDMC on")
+    device = _device(args.device)
+    vae = load_model(args.run, device=device)
+    print(f"pyrovae bdmc: {args.run}: {args.points} datapoints simulated from the model, "
+          f"T={args.ais_steps}, {args.ais_chains} chains", flush=True)
+    t0 = time.perf_counter()
+    result = bdmc(vae, args.points, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
+                  leapfrog_steps=args.leapfrog_steps, is_samples=tuple(args.is_samples),
+                  seed=args.seed, progress=not args.no_progress)
+    print(result)
+    report = {**result.to_dict(), "seconds": time.perf_counter() - t0, "seed": args.seed,
+              "versions": _versions()}
+    path = _unused_path(args.run / f"bdmc-T{args.ais_steps}-n{args.points}.json")
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"wrote {path}")
     return 0
 
@@ -628,7 +816,7 @@ def _gaps(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = gaps(vae, test, num_samples=args.num_samples,
                       num_elbo_samples=args.num_elbo_samples, num_steps=args.num_steps,
-                      seed=args.seed, progress=not args.no_progress)
+                      seed=args.seed, progress=not args.no_progress, log_px=args.estimator)
         diagnostics = diagnose(vae, test, seed=args.seed, mi_batch_size=args.mi_batch_size,
                                progress=not args.no_progress)
         results.append(result)
@@ -656,9 +844,13 @@ def _print_gap_table(labels: list[str], report: dict[str, Any]) -> None:
           + f"{'k-hat>0.7':>11}")
     for label in labels:
         g = report[label]["gaps"]
+        if g.get("estimator_failure"):  # never printed as a result
+            print(f"{label:<{width}}  estimator failure: {g['estimator_failure']}")
+            continue
         share = g["khat_above_0.7_share"]
         cells = "".join(f"{g[k]['mean']:>10.2f} ± {g[k]['stderr']:<4.2f}" for k, _ in columns)
-        print(f"{label:<{width}}{cells}{'n/a' if share is None else f'{100 * share:.1f}%':>11}")
+        print(f"{label:<{width}}{cells}{'n/a' if share is None else f'{100 * share:.1f}%':>11}"
+              f"  (log p(x) by {g.get('log_px_estimator', 'is').upper()})")
     print("nats per datapoint, ± standard error over datapoints; approximation gap = log p(x) - "
           "L[q*], amortization gap = L[q*] - L[q]")
     print(f"{'run':<{width}}{'active units':>14}{'KL(q(z|x)||p(z))':>19}{'I(x;z)':>15}"
@@ -722,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "gaps":
             return _gaps(args)
+        if args.command == "bdmc":
+            return _bdmc(args)
         return _evaluate(args)
     except Preempted as e:  # SIGTERM: a checkpoint was written; exit so the scheduler requeues
         import os

@@ -17,7 +17,7 @@ from pyrovae import diagnose, gaps, load_model
 from pyrovae.cli import _fixed_test_set, main
 from pyrovae.data import load_dataset
 
-TRAIN = ["--hidden-dims", "16", "--latent-dim", "2", "--epochs", "1", "--eval-points", "10",
+TRAIN = ["--check-points", "0", "--hidden-dims", "16", "--latent-dim", "2", "--epochs", "1", "--eval-points", "10",
          "--num-samples", "10", "--no-progress"]
 GAPS = ["--eval-points", "12", "--num-samples", "40", "--num-elbo-samples", "20",
         "--num-steps", "30", "--seed", "3", "--no-progress"]

@@ -11,7 +11,7 @@ import torch
 from pyrovae.checkpoint import load_model
 from pyrovae.cli import main
 
-TINY = ["--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20",
+TINY = ["--check-points", "0", "--epochs", "1", "--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20",
         "--num-samples", "10", "--no-progress"]
 
 

@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO
 from pyrovae.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, read_checkpoint
 from pyrovae.cli import main
 
-TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20", "--num-samples", "10",
+TINY = ["--check-points", "0", "--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20", "--num-samples", "10",
         "--no-progress"]
 STEPS_PER_EPOCH = 54  # 5,400 training digits (10% of 6,000 held out), batch 100
 
@@ -98,9 +98,9 @@ def test_interrupted_mid_epoch_resumes_from_step_checkpoint(
     _assert_same_run(run, uninterrupted, [80])
     # `pyrovae evaluate RUN` loads the same checkpoint and reproduces the run's test estimate.
     metrics = json.loads((run / "metrics.json").read_text())
-    assert main(["evaluate", str(run), "--num-samples", "10", "--eval-points", "20",
+    assert main(["evaluate", str(run), "--num-samples", "10", "--eval-points", "20", "--check-points", "0",
                  "--no-progress"]) == 0
-    evaluation = json.loads((run / "evaluation-test-K10.json").read_text())
+    evaluation = json.loads((run / "evaluation-test-is-K10.json").read_text())
     assert evaluation["test_log_likelihood"]["mean"] == metrics["test_log_likelihood"]["mean"]
 
 

@@ -305,7 +305,7 @@ def test_gaps(arg, drawn) -> None:
         vae = _vae()
         kwargs.pop("vae")
     result = _expect(valid and not broken,
-                     lambda: gaps(vae, x, num_samples=4, num_elbo_samples=4, **kwargs),
+                     lambda: gaps(vae, x, num_samples=4, num_elbo_samples=4, log_px="is", **kwargs),
                      "gaps" if not broken else "gaps (options)")
     if result is not None:
         torch.testing.assert_close(result.approximation_gap + result.amortization_gap,
