@@ -15,6 +15,7 @@ from .errors import (
     DataNotFoundError,
     PyrovaeError,
     TrainingError,
+    Preempted,
 )
 from .checkpoint import load_checkpoint, load_model, save_checkpoint
 from .families import (
@@ -63,7 +64,8 @@ from .priors import (
     VampPrior,
     flow_prior,
 )
-from .training import History, fit
+from . import distributed
+from .training import History, Objective, TrainState, fit, objective, train_step
 from .vae import VAE
 
 __version__ = "0.1.0"
@@ -72,6 +74,12 @@ __all__ = [
     "VAE",
     "fit",
     "History",
+    "TrainState",
+    "train_step",
+    "objective",
+    "Objective",
+    "Preempted",
+    "distributed",
     "IWAE",
     "ReparamELBO",
     "save_checkpoint",

@@ -8,6 +8,8 @@ clauses keep working.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "PyrovaeError",
     "ConfigError",
@@ -56,3 +58,15 @@ class ImportanceSamplingWarning(PyrovaeWarning):
 
 class NumericalWarning(PyrovaeWarning):
     """A training step had a NaN or infinite loss or gradient and its update was skipped."""
+
+
+class Preempted(TrainingError):
+    """Training stopped on SIGTERM after writing a checkpoint; resume to continue exactly
+    (``pyrovae train`` exits with code 75).
+
+    :ivar checkpoint: the checkpoint file written (``None`` without ``checkpoint_dir``).
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint

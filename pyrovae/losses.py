@@ -220,6 +220,16 @@ class _ParticleObjective(ELBO):
     #: ``differentiable_loss`` reaches every parameter through autograd; the param store's
     #: "param" sites are needed only by ``loss_and_grads`` under :class:`pyro.infer.SVI`.
     needs_param_sites: bool = False
+    #: ``max_plate_nesting`` counts the model's plates only (the particle plate goes left of
+    #: them); Pyro's own losses count the particle plate too.
+    plate_nesting_counts_particles: bool = False
+
+    @property
+    def objective(self) -> str:
+        """What the loss estimates, e.g. ``"iwae(k=5, dreg)"`` (for :class:`~pyrovae.History`)."""
+        head = "iwae" if self._name == "IWAE" else "elbo"
+        extra = "" if self.gradient == "standard" else f", {self.gradient}"
+        return f"{head}(k={self.num_particles}{extra})"
 
     def __init__(
         self,
@@ -239,7 +249,7 @@ class _ParticleObjective(ELBO):
                 "nested pyro.plate in the model (1 for pyrovae.VAE), or leave it out to guess"
             )
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)
-        # Draws are vectorized (pyrovae.fit then settles max_plate_nesting on a forked RNG).
+        # Draws are vectorized (pyrovae.fit sets max_plate_nesting from the VAE's declaration).
         self.vectorize_particles = True
 
     def __repr__(self) -> str:

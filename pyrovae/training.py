@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int, to_device
-from .errors import CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
+from .errors import Preempted, CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .importance import elbo as elbo_estimate
 
 __all__ = [
@@ -77,15 +77,6 @@ __all__ = [
 EXIT_PREEMPTED = 75
 
 
-class Preempted(TrainingError):
-    """Training stopped on SIGTERM after writing a checkpoint; resume to continue exactly.
-
-    :ivar checkpoint: the checkpoint file written (``None`` without ``checkpoint_dir``).
-    """
-
-    def __init__(self, message: str, checkpoint: Path | None = None) -> None:
-        super().__init__(message)
-        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -187,10 +178,8 @@ def _objective_name(loss: Any, beta: float, kl_warmup_epochs: float) -> str:
     base = getattr(loss, "objective", None)  # a loss may declare what it estimates
     if not isinstance(base, str):
         k = getattr(loss, "num_particles", 1)
-        if isinstance(loss, RenyiELBO):
-            base = f"iwae(k={k})" if loss.alpha == 0 else f"renyi(α={loss.alpha:g}, k={k})"
-        elif type(loss).__name__ == "IWAE":  # pyrovae.losses.IWAE
-            base = f"iwae(k={k})"
+        if isinstance(loss, RenyiELBO):  # not the IWAE bound under subsampling (pyrovae.losses)
+            base = f"renyi(α={loss.alpha:g}, k={k})"
         else:
             base = "elbo"
     if beta != 1.0:
@@ -204,17 +193,13 @@ def _objective_name(loss: Any, beta: float, kl_warmup_epochs: float) -> str:
 def _set_plate_nesting(loss: Any, data_plates: int) -> None:
     """Set an unset ``max_plate_nesting`` of a vectorized loss through its public attribute.
 
-    Pyro's losses count the particle plate in it; pyrovae's (:mod:`pyrovae.losses`) count the
-    model's plates only and put the particle plate left of them. A loss from elsewhere keeps
-    its own guess.
+    Pyro's losses count the particle plate in it; a loss that counts the model's plates only
+    (:mod:`pyrovae.losses`) declares ``plate_nesting_counts_particles = False``.
     """
     if not getattr(loss, "vectorize_particles", False) or loss.max_plate_nesting != math.inf:
         return
-    module = type(loss).__module__
-    if module.startswith("pyro."):
-        loss.max_plate_nesting = data_plates + (loss.num_particles > 1)
-    elif module.startswith("pyrovae."):
-        loss.max_plate_nesting = data_plates
+    counts_particles = getattr(loss, "plate_nesting_counts_particles", True)
+    loss.max_plate_nesting = data_plates + (counts_particles and loss.num_particles > 1)
 
 
 def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0) -> Objective:
@@ -337,6 +322,7 @@ def _check_dataset(vae: Any, dataset: Any, what: str, device: torch.device) -> N
     n = len(dataset)
     if n == 0:
         raise DataError(f"{what} is empty; pass at least one datapoint")
+    bad = 0
     for start in range(0, n, 8192):
         try:
             x, _ = dataset[torch.arange(start, min(start + 8192, n))]
@@ -347,7 +333,11 @@ def _check_dataset(vae: Any, dataset: Any, what: str, device: torch.device) -> N
             ) from None
         if not isinstance(x, torch.Tensor):
             x = torch.as_tensor(x)
-        vae.check_data(to_device(x, device, what), what)
+        x = to_device(x, device, what)
+        vae.check_data(x, what, support=False)
+        bad += vae.count_outside_support(x)
+    if bad:  # the whole data set's count, not the first chunk's
+        raise vae.support_error(bad, what)
 
 
 # --------------------------------------------------------------------------- reproducible order
@@ -663,7 +653,8 @@ def fit(
     :param train: a tensor ``(num_datapoints, num_features)`` or a dataset of ``(x, idx)``
         pairs, such as :func:`pyrovae.data.load_dataset` returns.
     :param loss: any Pyro ELBO: ``Trace_ELBO()`` (default), ``TraceMeanField_ELBO()`` (analytic
-        KL), ``RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True)`` (IWAE).
+        KL), :class:`pyrovae.losses.IWAE` (the IWAE bound; not ``RenyiELBO(alpha=0)``, which is
+        not the bound under subsampling), :class:`pyrovae.losses.ReparamELBO` (STL gradient).
     :param num_epochs: passes over ``train`` in all (a resumed run counts the epochs already done).
     :param batch_size: datapoints per minibatch (at most ``len(train)``); under ``torchrun`` the
         global minibatch, split across the processes (see :mod:`pyrovae.distributed`).

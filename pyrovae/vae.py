@@ -48,6 +48,9 @@ class VAE(PyroModule):
         torch.Size([4, 784])
     """
 
+    #: The model's nested plates (the ``"data"`` plate), for vectorized losses.
+    max_plate_nesting: int = 1
+
     def __init__(
         self, prior: nn.Module, family: nn.Module, likelihood: nn.Module, num_data: int
     ) -> None:

@@ -146,17 +146,20 @@ def test_check_data(arg) -> None:
 
 
 def _with_log_weights(call: Any) -> tuple[Any, torch.Tensor]:
-    """Run ``call`` with :func:`pyrovae.importance.log_weights` recorded; return its result and
-    the log-weights it drew, ``(K, num_datapoints)`` (one draw per batch of datapoints)."""
-    drawn: list[torch.Tensor] = []
-    original = importance.log_weights
+    """Run ``call`` with the evaluation core's log-weights recorded
+    (:meth:`pyrovae.evaluation.Program.log_weights`); return its result and the log-weights it
+    drew, ``(K, num_datapoints)`` (one draw per batch of datapoints)."""
+    from pyrovae.evaluation import Program
 
-    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        drawn.append(original(*args, **kwargs))
+    drawn: list[torch.Tensor] = []
+    original = Program.log_weights
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        drawn.append(original(self, *args, **kwargs))
         return drawn[-1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(importance, "log_weights", spy)
+        mp.setattr(Program, "log_weights", spy)
         result = call()
     return result, torch.cat(drawn, 1)
 
@@ -348,7 +351,9 @@ def test_build_vae(drawn) -> None:
     torch.manual_seed(0)
     x = vae.sample(min(num_data, 3), mean=False)
     assert x.shape == (min(num_data, 3), D) and torch.isfinite(x).all()
-    ll = log_likelihood(vae, x, 3, seed=0, diagnostics=False)
+    # a per-datapoint family scores new points by fitting their own parameters
+    local = {"local": "fit"} if kwargs["family"] == "local" else {}
+    ll = log_likelihood(vae, x, 3, seed=0, diagnostics=False, **local)
     assert torch.isfinite(ll.values).all()
     history = fit(vae, torch.cat([x] * math.ceil(num_data / len(x)))[:num_data], num_epochs=1,
                   batch_size=num_data, progress=False)

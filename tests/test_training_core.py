@@ -17,6 +17,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from pyrovae.losses import IWAE
 from pyro.infer import ELBO, RenyiELBO, Trace_ELBO
 
 import pyrovae
@@ -93,12 +94,16 @@ def test_history_names_its_objective() -> None:
     kw = dict(num_epochs=1, batch_size=16, progress=False)
     assert fit(vae, data, **kw).objective == "elbo"
     assert fit(vae, data, beta=0.5, **kw).objective == "beta-elbo(β=0.5)"
-    renyi = RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True)
-    h = fit(vae, data, loss=renyi, **kw)
+    iwae = IWAE(num_particles=3)
+    h = fit(vae, data, loss=iwae, **kw)
     assert h.objective == "iwae(k=3)"
-    assert fit(vae, data, loss=renyi, beta=2.0, kl_warmup_epochs=1, **kw).objective == (
+    assert fit(vae, data, loss=IWAE(3, gradient="dreg"), **kw).objective == "iwae(k=3, dreg)"
+    assert fit(vae, data, loss=iwae, beta=2.0, kl_warmup_epochs=1, **kw).objective == (
         "beta-iwae(k=3, β=2) + KL warm-up (1 epochs)"
     )
+    # RenyiELBO(alpha=0) is not the IWAE bound under subsampling, and is not called one
+    renyi = RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True)
+    assert fit(vae, data, loss=renyi, **kw).objective == "renyi(α=0, k=3)"
     assert h.train_elbo is h.train_objective and len(h.train_objective) == 1
     d = h.to_dict()
     assert d["train_elbo"] == d["train_objective"] and d["objective"] == "iwae(k=3)"
