@@ -120,6 +120,13 @@ def latent_manifold(
     return image_grid(vae.likelihood(z).mean, image_shape, nrow=steps, path=path)
 
 
+def _mean_or_draw(q: Any) -> torch.Tensor:
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample()
+
+
 @torch.no_grad()
 def interpolation_grid(
     vae: Any,
@@ -128,17 +135,19 @@ def interpolation_grid(
     image_shape: Sequence[int],
     *,
     steps: int = 10,
+    mean: bool = False,
     path: str | Path | None = None,
 ) -> torch.Tensor:
     """Decode straight lines in latent space between the encodings of paired inputs.
 
     :param x_start, x_end: ``(n, D)`` inputs; row ``i`` interpolates from ``x_start[i]`` to
-        ``x_end[i]`` through ``steps`` points (the encodings are one draw from ``q(z|x)``).
+        ``x_end[i]`` through ``steps`` points (the encodings are one draw from ``q(z|x)``, or
+        its mean with ``mean=True`` where the family's distribution has one).
     """
     check_positive_int(steps, "steps")
     idx = torch.arange(len(x_start), device=x_start.device)
-    z0 = vae.family(x_start, idx).sample()
-    z1 = vae.family(x_end, idx).sample()
+    q0, q1 = vae.family(x_start, idx), vae.family(x_end, idx)
+    z0, z1 = (_mean_or_draw(q0), _mean_or_draw(q1)) if mean else (q0.sample(), q1.sample())
     t = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device)[None, :, None]
     z = (1 - t) * z0[:, None] + t * z1[:, None]
     x = vae.likelihood(z.reshape(-1, z.shape[-1])).mean

@@ -103,3 +103,40 @@ def test_linear_gaussian_example_reaches_the_closed_forms(capsys, tmp_path, one_
         assert abs(full["iwae"][k] - exact) < 0.1
     _assert_png(tmp_path / "linear_gaussian_bounds.png")
     _assert_png(tmp_path / "linear_gaussian_posterior.png")
+
+
+# ------------------------------------------------------------------ latent_manifold.py
+def test_knn_accuracy_and_digit_pairs():
+    ex = _load("latent_manifold")
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    y = torch.arange(3).repeat_interleave(20)
+    z = centres[y] + 0.1 * torch.randn(60, 2)
+    assert ex.knn_accuracy(z, y, z + 0.01, y, k=5) == 1.0
+    assert ex.knn_accuracy(z, y, z, (y + 1) % 3, k=5) == 0.0
+    starts, ends = ex.pairs_of_different_digits(torch.tensor([3, 1, 0, 1, 2, 0]), 2)
+    assert (starts, ends) == ([2, 1], [1, 4])  # first 0 -> first 1, first 1 -> first 2
+
+
+def test_latent_manifold_example(capsys, tmp_path, one_thread):
+    from PIL import Image
+
+    r = _load("latent_manifold").main(["--smoke", "--out", str(tmp_path), "--steps", "12"])
+    out = capsys.readouterr().out
+    assert "test log p(x)" in out and "nearest-neighbour label accuracy" in out
+    assert r["num_codes"] == 300
+    # the codes sort the digits by class although no label was used in training: chance is 10%
+    assert r["knn_accuracy"] > 0.2
+    assert -300 < r["test_elbo"] < -100
+    assert r["test_log_px"] > r["test_elbo"]  # an IWAE bound with K=50 is above the ELBO
+    assert all(math.isfinite(v) for v in r["code_mean"] + r["code_var"])
+    # 12 x 12 decoded 28 x 28 digits with 2-pixel padding; 6 interpolations of 10 steps
+    with Image.open(tmp_path / "manifold.png") as im:
+        assert im.size == (12 * 30 + 2, 12 * 30 + 2)
+    with Image.open(tmp_path / "interpolations.png") as im:
+        assert im.size == (10 * 30 + 2, 6 * 30 + 2)
+    _assert_png(tmp_path / "latent_codes.png")
+
+
+def test_latent_manifold_rejects_unknown_data():
+    with pytest.raises(SystemExit, match="latent_manifold: unknown dataset"):
+        _load("latent_manifold").main(["--dataset", "nope", "--smoke"])
