@@ -234,7 +234,7 @@ def plot_latent_scatter(
     fig = _figure((6, 5.5))
     ax = fig.add_subplot(1, 1, 1)
     if labels is None:
-        ax.scatter(z[:, i], z[:, j], s=point_size, alpha=0.7, linewidths=0)
+        ax.scatter(z[:, i].numpy(), z[:, j].numpy(), s=point_size, alpha=0.7, linewidths=0)
     else:
         from matplotlib import colormaps
 
@@ -242,7 +242,7 @@ def plot_latent_scatter(
         cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
         for k, c in enumerate(classes):
             mask = labels == c
-            ax.scatter(z[mask, i], z[mask, j], s=point_size, alpha=0.7, linewidths=0,
+            ax.scatter(z[mask, i].numpy(), z[mask, j].numpy(), s=point_size, alpha=0.7, linewidths=0,
                        color=cmap(k % cmap.N), label=str(c))
         ax.legend(markerscale=2.5, fontsize=8, loc="upper right", framealpha=0.8, title="label")
     ax.set_xlabel(f"z{i + 1}")
@@ -286,11 +286,11 @@ def plot_khat(
     ax = fig.add_subplot(1, 1, 1)
     bad = finite & (k > threshold)
     good = finite & ~bad
-    ax.scatter(index[good], k[good], s=8, color="tab:blue", label=rf"$\hat k \leq {threshold}$")
-    ax.scatter(index[bad], k[bad], s=8, color="tab:red", label=rf"$\hat k > {threshold}$")
+    ax.scatter(index[good].numpy(), k[good].numpy(), s=8, color="tab:blue", label=rf"$\hat k \leq {threshold}$")
+    ax.scatter(index[bad].numpy(), k[bad].numpy(), s=8, color="tab:red", label=rf"$\hat k > {threshold}$")
     low = min(float(k[finite].min()) if bool(finite.any()) else 0.0, 0.0) - 0.1
     if bool(exact.any()):
-        ax.scatter(index[exact], torch.full((int(exact.sum()),), low), marker="v", s=12,
+        ax.scatter(index[exact].numpy(), [low] * int(exact.sum()), marker="v", s=12,
                    color="tab:green", label="equal weights (exact)")
     ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
     ax.set_xlabel("datapoint")
@@ -389,7 +389,7 @@ def plot_kl_per_dimension(
     fig = _figure((max(4.0, min(12.0, 0.25 * values.numel() + 3)), 3.5))
     ax = fig.add_subplot(1, 1, 1)
     colors = ["tab:blue" if mask is None or bool(mask[d]) else "tab:gray" for d in order.tolist()]
-    ax.bar(range(values.numel()), values[order], color=colors)
+    ax.bar(range(values.numel()), values[order].numpy(), color=colors)
     step = max(1, values.numel() // 25)
     ticks = list(range(0, values.numel(), step))
     ax.set_xticks(ticks, [str(int(order[t]) + 1) for t in ticks], fontsize=7)
