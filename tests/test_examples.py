@@ -140,3 +140,173 @@ def test_latent_manifold_example(capsys, tmp_path, one_thread):
 def test_latent_manifold_rejects_unknown_data():
     with pytest.raises(SystemExit, match="latent_manifold: unknown dataset"):
         _load("latent_manifold").main(["--dataset", "nope", "--smoke"])
+
+
+# ------------------------------------------------------------------ posterior_collapse.py
+class _PriorFamily(torch.nn.Module):
+    """q(z | x) = N(0, I) for every x: the aggregate posterior is the prior."""
+
+    latent_dim = 2
+
+    def forward(self, x, idx=None):
+        return torch.distributions.Independent(
+            torch.distributions.Normal(torch.zeros(len(x), 2), torch.ones(len(x), 2)), 1)
+
+
+class _ShiftedFamily(torch.nn.Module):
+    """q(z | x_n) = N((x_n, 0), 0.5^2 I)."""
+
+    latent_dim = 2
+
+    def forward(self, x, idx=None):
+        loc = torch.cat([x[:, :1], torch.zeros(len(x), 1)], 1)
+        return torch.distributions.Independent(torch.distributions.Normal(loc, 0.5), 1)
+
+
+def test_aggregate_posterior_on_a_grid():
+    ex = _load("posterior_collapse")
+    z, area = ex.latent_grid(6.0, 120)
+    assert z.shape == (120 * 120, 2) and area == pytest.approx(0.01)
+    assert float(z.min()) == pytest.approx(-5.95) and float(z.max()) == pytest.approx(5.95)
+    x = torch.randn(30, 3)
+    vae = type("V", (), {"family": _PriorFamily()})()
+    log_q = ex.log_aggregate_posterior(vae, x, z)
+    log_p = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    assert_close(log_q, log_p, rtol=1e-5, atol=1e-5)
+    # two components: q(z) is their average, exactly
+    vae.family = _ShiftedFamily()
+    x = torch.tensor([[-1.0, 9.0], [2.0, 9.0]])
+    point = torch.tensor([[0.5, 0.25]])
+    expected = 0.5 * sum(
+        torch.distributions.Normal(torch.tensor([m, 0.0]), 0.5).log_prob(point).sum(-1).exp()
+        for m in (-1.0, 2.0)
+    )
+    assert_close(ex.log_aggregate_posterior(vae, x, point), expected.log(), rtol=1e-6)
+    picked = ex.spread_points(z, -z.norm(dim=1), 3, 1.0)
+    assert len(picked) == 3 and float(z[picked[0]].norm()) < 0.1
+    assert all(float((z[a] - z[b]).norm()) >= 1.0 for a in picked for b in picked if a != b)
+
+
+def test_sharpness_drops_under_blur():
+    ex = _load("posterior_collapse")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 28 * 28, generator=g)
+    blurred = torch.nn.functional.avg_pool2d(images.reshape(4, 1, 28, 28), 3, 1, 1).reshape(4, -1)
+    assert ex.sharpness(blurred, (28, 28)) < 0.3 * ex.sharpness(images, (28, 28))
+    assert ex.sharpness(torch.full((2, 784), 0.3), (28, 28)) == 0.0
+
+
+def test_posterior_collapse_example(capsys, tmp_path, one_thread):
+    r = _load("posterior_collapse").main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "KL(q(z)|p)" in out and "active" in out and "sharpness" in out
+    runs = r["runs"]
+    assert set(runs) == {"beta=1", "beta=4", "beta=1, warm-up"}
+    for run in runs.values():
+        assert sum(run["kl_per_dim"]) == pytest.approx(run["kl"], rel=1e-4)
+        assert 0 <= run["active_units"] <= 8
+        assert run["mutual_information"] <= math.log(200) + 0.05
+        assert run["log_px"] > run["elbo"]
+    # a heavier KL weight buys a smaller KL with no more active units
+    assert runs["beta=4"]["kl"] < 0.5 * runs["beta=1"]["kl"]
+    assert runs["beta=4"]["active_units"] <= runs["beta=1"]["active_units"]
+    agg = r["aggregate"]
+    # the example's grid quadrature of KL(q(z)||p(z)) agrees with pyrovae's Monte Carlo estimate
+    assert agg["grid_mass"] == pytest.approx(1.0, abs=0.01)
+    assert agg["grid_marginal_kl"] == pytest.approx(agg["marginal_kl"], rel=0.05, abs=0.1)
+    assert 0 < agg["hole_share"] < 1
+    assert max(agg["hole_log_ratio"]) < math.log(0.1) < min(agg["dense_log_ratio"])
+    # a Gaussian decoder's reconstruction means are blurrier than the digits
+    assert r["blur"]["reconstruction_means"] < r["blur"]["real"]
+    for name in ("aggregate_posterior", "gaussian_blur", "kl_per_dim_beta1", "kl_per_dim_beta4",
+                 "kl_per_dim_beta1_warmup"):
+        _assert_png(tmp_path / f"{name}.png")
+
+
+# ------------------------------------------------------------------ mixture_1d.py
+def test_mixture_log_prob_and_em(float64):
+    ex = _load("mixture_1d")
+    w, m, s = (torch.tensor(v, dtype=torch.float64) for v in (ex.TRUE_WEIGHTS, ex.TRUE_MEANS, ex.TRUE_SCALES))
+    x = torch.linspace(-6, 6, 50, dtype=torch.float64)
+    reference = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(probs=w), torch.distributions.Normal(m, s))
+    assert_close(ex.mixture_log_prob(x, w, m, s), reference.log_prob(x), rtol=1e-12, atol=1e-12)
+    data = ex.sample_mixture(4000, w, m, s, torch.Generator().manual_seed(1))
+    fw, fm, fs = ex.fit_em(data, 3)
+    assert_close(fm, m, atol=0.1)
+    assert_close(fs, s, atol=0.1)
+    assert_close(fw, w, atol=0.03)
+    # EM maximizes the likelihood: the fit is at least as likely on its own data as the truth
+    assert float(ex.mixture_log_prob(data, fw, fm, fs).mean()) >= float(reference.log_prob(data).mean())
+
+
+def test_vae_density_by_quadrature_is_exact_for_a_linear_decoder(float64):
+    """z ~ N(0, 1), x | z ~ N(a z + b, s^2)  =>  p(x) = N(x; b, a^2 + s^2)."""
+    from pyrovae import VAE, DiagonalNormal, Gaussian, StandardNormal
+
+    ex = _load("mixture_1d")
+    decoder = torch.nn.Linear(1, 1).double()
+    with torch.no_grad():
+        decoder.weight.fill_(1.5)
+        decoder.bias.fill_(-0.5)
+    vae = VAE(StandardNormal(1), DiagonalNormal(torch.nn.Identity(), 1, feature_dim=1),
+              Gaussian(decoder, 0.4), num_data=10).double()
+    x = torch.linspace(-5, 5, 21, dtype=torch.float64)[:, None]
+    expected = torch.distributions.Normal(-0.5, math.sqrt(1.5**2 + 0.4**2)).log_prob(x[:, 0])
+    assert_close(ex.vae_log_density(vae, x), expected, rtol=1e-8, atol=1e-8)
+
+
+def test_mixture_1d_example(capsys, tmp_path, one_thread):
+    r = _load("mixture_1d").main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "true mixture" in out and "by quadrature" in out and "ELBO" in out
+    # EM recovers the mixture: on held-out points it is as good as the truth, to 0.02 nats
+    assert abs(r["em_mixture"] - r["true_mixture"]) < 0.02
+    assert sorted(r["em_means"]) == pytest.approx([-3.0, 0.0, 2.5], abs=0.15)
+    # the importance-sampled estimate agrees with the quadrature, and the ELBO is below both
+    assert abs(r["vae_quadrature_minus_is"]) < 0.02
+    assert r["vae_elbo"] < r["vae_importance_sampling"]
+    # the VAE cannot beat the true density on held-out data
+    assert r["vae_quadrature"] < r["true_mixture"] + 0.02
+    assert r["vae_quadrature"] > r["true_mixture"] - 1.0
+    _assert_png(tmp_path / "mixture_1d.png")
+
+
+# ------------------------------------------------------------------ frey_faces.py
+def test_bounded_mean_decoder_squashes_only_the_mean():
+    ex = _load("frey_faces")
+    net = torch.nn.Linear(2, 6)
+    decoder = ex.BoundedMeanDecoder(net)
+    z = 10 * torch.randn(5, 2)
+    out = decoder(z)
+    raw = net(z)
+    assert_close(out[:, :3], torch.sigmoid(raw[:, :3]))
+    assert_close(out[:, 3:], raw[:, 3:])
+    vae = ex.build(num_features=6, hidden=4, latent_dim=2, num_data=10, min_scale=0.02)
+    px = vae.likelihood(100 * torch.randn(50, 2))
+    assert float(px.mean.min()) >= 0 and float(px.mean.max()) <= 1
+    assert float(px.stddev.min()) >= 0.02
+
+
+def test_frey_faces_example_without_data_exits_with_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("PYROVAE_DATA", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        _load("frey_faces").main(["--smoke", "--data-root", str(tmp_path / "missing")])
+    message = str(exit_info.value.code)
+    assert message.startswith("frey_faces: ") and "\n" not in message and "--data-root" in message
+
+
+def test_frey_faces_example(capsys, tmp_path, real_data_root, one_thread):
+    from PIL import Image
+
+    r = _load("frey_faces").main(["--smoke", "--data-root", str(real_data_root), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "1765 train / 200 test frames" in out and "test log p(x)" in out
+    # five epochs already raise the ELBO by hundreds of nats (a continuous density per frame)
+    assert r["train_elbo"] > r["first_train_elbo"] + 100
+    assert r["test_log_px"] > r["test_elbo"]
+    assert 0 <= r["mean_min"] and r["mean_max"] <= 1  # the bounded mean
+    assert r["reconstruction_rmse"] < 0.2
+    with Image.open(tmp_path / "frey_manifold.png") as im:  # 12 x 12 faces of 28 x 20 (+2 padding)
+        assert im.size == (12 * 22 + 2, 12 * 30 + 2)
+    _assert_png(tmp_path / "frey_reconstructions.png")
