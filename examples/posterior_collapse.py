@@ -99,13 +99,19 @@ def _save_aggregate_picture(z, log_ratio, holes, dense, decoded_dense, decoded_h
     from matplotlib.figure import Figure
 
     steps = int(round(math.sqrt(len(z))))
-    fig = Figure(figsize=(10, 4.6), dpi=100)
+    fig = Figure(figsize=(9, 4.2), dpi=80)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2, 1)
-    lim = float(z.abs().max())
-    img = log_ratio.reshape(steps, steps).T.clamp(-6, 3).numpy()
-    mesh = ax.imshow(img, origin="lower", extent=(-lim, lim, -lim, lim), cmap="RdBu", vmin=-6, vmax=6)
-    fig.colorbar(mesh, ax=ax, label="log q(z) - log p(z)")
+    lim = min(float(z.abs().max()), 4.0)
+    # only where the prior has mass (|z| < 3): elsewhere both densities are negligible
+    shown = log_ratio.clamp(-6, 6).masked_fill(z.norm(dim=1) > 3.0, float("nan"))
+    img = shown.reshape(steps, steps).T.numpy()
+    full = float(z.abs().max())
+    mesh = ax.imshow(img, origin="lower", extent=(-full, full, -full, full), cmap="RdBu",
+                     vmin=-6, vmax=6)
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    fig.colorbar(mesh, ax=ax, label="log q(z) - log p(z)  (|z| < 3)")
     t = torch.linspace(0, 2 * math.pi, 100)
     for r in (1, 2):
         ax.plot((r * t.cos()).numpy(), (r * t.sin()).numpy(), "k:", linewidth=0.8)
