@@ -313,3 +313,54 @@ def test_frey_faces_example(capsys, tmp_path, real_data_root, one_thread):
     with Image.open(tmp_path / "frey_manifold.png") as im:  # 12 x 12 faces of 28 x 20 (+2 padding)
         assert im.size == (12 * 22 + 2, 12 * 30 + 2)
     _assert_png(tmp_path / "frey_reconstructions.png")
+
+
+# ------------------------------------------------------------------ autoencoder_baselines.py
+def test_pca_error_is_the_discarded_variance_and_gaussian_fit(float64):
+    ex = _load("autoencoder_baselines")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    eig = torch.linalg.eigvalsh(torch.cov(x.T, correction=0)).flip(0)
+    for d in (1, 3, 6):
+        pca = ex.PCA(x, d)
+        mse = float((pca.decode(pca.encode(x)) - x).pow(2).mean())
+        assert_close(mse, float(eig[d:].sum()) / 6, atol=1e-10)
+        assert_close(pca.train_error(), mse, atol=1e-10)
+    codes = torch.randn(500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 4
+    gauss = ex.fit_gaussian(codes)
+    assert_close(gauss.loc, codes.mean(0))
+    assert_close(gauss.covariance_matrix, torch.cov(codes.T), rtol=1e-5, atol=1e-6)
+    samples = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    ref = torch.tensor([[0.0, 0.5], [3.0, 3.0]])
+    assert_close(ex.nearest_distance(samples, ref), torch.tensor([0.5 / math.sqrt(2), math.sqrt(1.25 / 2)]))
+
+
+def test_denoising_autoencoder_masks_its_input():
+    ex = _load("autoencoder_baselines")
+    model = ex.Autoencoder(4, 3, 2)
+    seen = []
+    model.encoder.register_forward_hook(lambda m, inp, out: seen.append(inp[0].clone()))
+    x = torch.full((200, 4), 0.5)
+    ex.train_autoencoder(model, x, epochs=1, mask_prob=0.3, batch_size=200)
+    assert abs(float((seen[0] == 0).double().mean()) - 0.3) < 0.05
+    seen.clear()
+    ex.train_autoencoder(model, x, epochs=1, batch_size=200)
+    assert bool((seen[0] == 0.5).all())
+
+
+def test_autoencoder_baselines_example(capsys, tmp_path, one_thread):
+    r = _load("autoencoder_baselines").main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "recon MSE" in out and "confidence" in out
+    rows = r["dims"]
+    assert set(rows) == {2, 8}
+    for d, row in rows.items():
+        assert set(row) == {"PCA", "autoencoder", "denoising AE", "VAE"}
+        # PCA's training error is its closed form, the discarded eigenvalues
+        assert_close(row["PCA"]["train_mse"], row["PCA"]["train_mse_closed_form"], rtol=1e-3)
+        for m in row.values():
+            assert 0 < m["reconstruction_mse"] < 0.12  # grey pixels: the mean image scores ~0.11
+            assert 0.1 <= m["sample_confidence"] <= 1
+        _assert_png(tmp_path / f"baseline_samples_d{d}.png")
+    # more principal components reconstruct better
+    assert rows[8]["PCA"]["reconstruction_mse"] < rows[2]["PCA"]["reconstruction_mse"]
