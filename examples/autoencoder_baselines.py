@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.out is not None:
             _save_samples_picture(
                 pictures, shape,
-                f"d = {d}: autoencoders sampled through a Gaussian fitted to their codes, "
-                "and the VAE's own samples",
+                f"d = {d}: autoencoders decode draws from a Gaussian fitted to their codes;\n"
+                "the VAE decodes draws from its prior",
                 args.out / f"baseline_samples_d{d}.png")
     if args.out is not None:
         print(f"pictures in {args.out}")

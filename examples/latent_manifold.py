@@ -31,7 +31,7 @@ import pyrovae
 from pyrovae import MLP, VAE, Bernoulli, DiagonalNormal, StandardNormal
 from pyrovae.data import load_dataset
 from pyrovae.errors import ImportanceSamplingWarning, PyrovaeError
-from pyrovae.plots import interpolation_grid, latent_manifold, plot_latent_scatter
+from pyrovae.plots import interpolation_grid, latent_manifold, plot_khat, plot_latent_scatter
 
 
 @torch.no_grad()
@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         starts, ends = pairs_of_different_digits(test.labels, 6)
         interpolation_grid(vae, test_x.images[starts], test_x.images[ends], shape, steps=10, mean=True,
                            path=args.out / "interpolations.png")
+        plot_khat(ll, title=f"PSIS k-hat of log p(x), K={args.num_samples}, 2-D diagonal q: "
+                            f"{100 * ll.unreliable_share:.0f}% above 0.7",
+                  path=args.out / "khat.png")
         print(f"pictures in {args.out}")
     return results
 

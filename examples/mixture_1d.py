@@ -35,6 +35,7 @@ import torch
 import pyrovae
 from pyrovae import MLP, VAE, DiagonalNormal, Gaussian, StandardNormal
 from pyrovae.errors import ImportanceSamplingWarning
+from pyrovae.plots import plot_khat
 
 #: The data's mixture: weights, means, standard deviations.
 TRUE_WEIGHTS = (0.3, 0.5, 0.2)
@@ -171,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(str(args.out / "mixture_1d.png"))
+        plot_khat(ll_is, title=f"VAE on the 1-D mixture: PSIS k-hat per test point (K={args.num_samples})",
+                  path=args.out / "mixture_1d_khat.png")
         print(f"picture in {args.out}")
     return results
 

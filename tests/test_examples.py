@@ -135,6 +135,7 @@ def test_latent_manifold_example(capsys, tmp_path, one_thread):
     with Image.open(tmp_path / "interpolations.png") as im:
         assert im.size == (10 * 30 + 2, 6 * 30 + 2)
     _assert_png(tmp_path / "latent_codes.png")
+    _assert_png(tmp_path / "khat.png")
 
 
 def test_latent_manifold_rejects_unknown_data():
@@ -272,6 +273,7 @@ def test_mixture_1d_example(capsys, tmp_path, one_thread):
     assert r["vae_quadrature"] < r["true_mixture"] + 0.02
     assert r["vae_quadrature"] > r["true_mixture"] - 1.0
     _assert_png(tmp_path / "mixture_1d.png")
+    _assert_png(tmp_path / "mixture_1d_khat.png")
 
 
 # ------------------------------------------------------------------ frey_faces.py
