@@ -328,7 +328,8 @@ def test_pca_error_is_the_discarded_variance_and_gaussian_fit(float64):
         mse = float((pca.decode(pca.encode(x)) - x).pow(2).mean())
         assert_close(mse, float(eig[d:].sum()) / 6, atol=1e-10)
         assert_close(pca.train_error(), mse, atol=1e-10)
-    codes = torch.randn(500, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 4
+    mix = torch.tensor([[1.0, 0.8, 0.0], [0.0, 2.0, -0.5], [0.0, 0.0, 0.5]], dtype=torch.float64)
+    codes = torch.randn(500, 3, generator=g, dtype=torch.float64) @ mix + 4  # correlated codes
     gauss = ex.fit_gaussian(codes)
     assert_close(gauss.loc, codes.mean(0))
     assert_close(gauss.covariance_matrix, torch.cov(codes.T), rtol=1e-5, atol=1e-6)
