@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 
 import pyrovae
@@ -91,6 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_x = test.binarized(generator=torch.Generator().manual_seed(args.seed))
 
     D, H = train.num_features, args.hidden
+    pyro.set_rng_seed(args.seed)  # the initial network
     vae = VAE(
         prior=StandardNormal(2),
         family=DiagonalNormal(MLP(D, (H,), H, "tanh", activate_output=True), 2),

@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                "W": W, "b": b, "scale": s}
     vaes, bounds = {}, {}
     for family in ("diagonal", "full_rank"):
+        torch.manual_seed(args.seed)  # the initial encoder
         vae = build(family, W, b, s, len(train))
         # Adam at a constant rate leaves the encoder jittering around the optimum; a second,
         # shorter run at a tenth of the rate settles it (each fit call starts a fresh Adam).
