@@ -28,7 +28,6 @@ Run: ``python examples/autoencoder_baselines.py --out pictures/`` (a few minutes
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 from typing import Any
