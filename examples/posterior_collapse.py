@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"1. KL weight and collapse: latent_dim={args.latent_dim}, {args.epochs} epochs on "
           f"{len(train)} digits; {len(test_x)} test digits (nats per digit)")
     print(f"{'run':>16} {'ELBO':>8} {'log p(x)':>9} {'KL':>7} {'I(x;z)':>7} {'KL(q(z)|p)':>10} "
-          f"{'active':>7}")
+          f"{'active':>7} {'KL_d>0.1':>8}")
     for name, beta, warmup in runs:
         pyro.set_rng_seed(args.seed)  # the same initial network for every run
         vae = make_vae(D, args.latent_dim, args.hidden, len(train))
@@ -200,19 +200,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mi = d.mutual_information
         r = {"beta": beta, "warmup_epochs": warmup, "elbo": el.mean, "log_px": ll.mean,
              "kl": d.kl.total, "kl_per_dim": [float(v) for v in d.kl.per_dim],
-             "active_units": d.active_units.count, "mutual_information": mi.mutual_information,
+             "active_units": d.active_units.count,
+             "informative_dims": int((d.kl.per_dim > 0.1).sum()),
+             "mutual_information": mi.mutual_information,
              "marginal_kl": mi.marginal_kl, "average_kl": mi.average_kl}
         results["runs"][name] = r
         print(f"{name:>16} {el.mean:8.2f} {ll.mean:9.2f} {d.kl.total:7.2f} "
               f"{mi.mutual_information:7.2f} {mi.marginal_kl:10.2f} "
-              f"{d.active_units.count:>3}/{args.latent_dim}")
+              f"{d.active_units.count:>3}/{args.latent_dim} {r['informative_dims']:>4}/{args.latent_dim}")
         if args.out is not None:
             tag = name.replace("=", "").replace(", ", "_").replace("-", "")
             plot_kl_per_dimension(d.kl, active=d.active_units, sort=True,
                                   title=f"{name}: KL per dimension ({d.active_units.count} of "
                                         f"{args.latent_dim} active)",
                                   path=args.out / f"kl_per_dim_{tag}.png")
-    print(f"   I(x;z) is at most log N = {math.log(len(test_x)):.2f} nats on these {len(test_x)} digits")
+    print(f"   active: Var_x E_q[z_d] > 0.01 (Burda et al.); KL_d>0.1: dimensions whose KL exceeds "
+          f"0.1 nats; I(x;z) is at most log N = {math.log(len(test_x)):.2f} nats on these "
+          f"{len(test_x)} digits")
 
     # 2. holes in the aggregate posterior (2-D latent space) -------------------------------
     pyro.set_rng_seed(args.seed)

@@ -211,6 +211,9 @@ def test_posterior_collapse_example(capsys, tmp_path, one_thread):
     # a heavier KL weight buys a smaller KL with no more active units
     assert runs["beta=4"]["kl"] < 0.5 * runs["beta=1"]["kl"]
     assert runs["beta=4"]["active_units"] <= runs["beta=1"]["active_units"]
+    assert runs["beta=4"]["informative_dims"] <= runs["beta=1"]["informative_dims"]
+    for run in runs.values():
+        assert run["informative_dims"] == sum(k > 0.1 for k in run["kl_per_dim"])
     agg = r["aggregate"]
     # the example's grid quadrature of KL(q(z)||p(z)) agrees with pyrovae's Monte Carlo estimate
     assert agg["grid_mass"] == pytest.approx(1.0, abs=0.01)
