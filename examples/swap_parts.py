@@ -16,9 +16,10 @@ import warnings
 
 import pyro
 import torch
-from pyro.infer import RenyiELBO, Trace_ELBO
+from pyro.infer import Trace_ELBO
 
 import pyrovae
+from pyrovae.losses import IWAE
 from pyrovae import (
     MLP,
     VAE,
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.prior} prior, {args.family} family, {args.loss}",
             args.prior,
             args.family,
-            RenyiELBO(alpha=0, num_particles=5, vectorize_particles=True)
+            IWAE(num_particles=5)
             if args.loss == "iwae"
             else Trace_ELBO(),
         ),

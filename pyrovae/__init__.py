@@ -42,6 +42,7 @@ from .diagnostics import (
 )
 from .gaps import GapResult, gaps, plot_gaps
 from .importance import IWAEBounds, LogLikelihood, elbo, iwae_bounds, log_likelihood, log_weights
+from .losses import IWAE, ReparamELBO
 from .likelihoods import (
     Bernoulli,
     Categorical256,
@@ -69,6 +70,8 @@ __all__ = [
     "VAE",
     "fit",
     "History",
+    "IWAE",
+    "ReparamELBO",
     "save_checkpoint",
     "load_checkpoint",
     "load_model",

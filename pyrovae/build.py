@@ -153,27 +153,28 @@ def _decoder(cfg: VAEConfig, values_per_feature: int = 1) -> nn.Module:
 
 
 # ---------------------------------------------------------------------- priors
-def _standard(cfg: VAEConfig) -> nn.Module:
+def _standard(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     return StandardNormal(cfg.latent_dim)
 
 
-def _learned(cfg: VAEConfig) -> nn.Module:
+def _learned(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     return LearnedNormal(cfg.latent_dim)
 
 
-def _mixture(cfg: VAEConfig) -> nn.Module:
+def _mixture(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     return MixtureOfGaussians(cfg.latent_dim, _option(cfg, "num_components"))
 
 
-def _vamp(cfg: VAEConfig) -> nn.Module:
-    # The VAE attaches its family; the pseudo-inputs live in [0, 1] for the image likelihoods.
-    bounded = cfg.likelihood in ("bernoulli", "continuous_bernoulli", "categorical256")
+def _vamp(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
+    # The VAE attaches its family; the pseudo-inputs live where the likelihood says data lives.
     return VampPrior(
-        _option(cfg, "num_pseudo_inputs"), cfg.num_features, bounds=(0.0, 1.0) if bounded else None
+        _option(cfg, "num_pseudo_inputs"),
+        cfg.num_features,
+        bounds=getattr(likelihood, "data_bounds", None),
     )
 
 
-def _flow_prior(cfg: VAEConfig) -> nn.Module:
+def _flow_prior(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     return flow_prior(
         cfg.latent_dim,
         _option(cfg, "num_transforms"),
@@ -201,8 +202,10 @@ def _flow(kind: str) -> Callable[[VAEConfig, int], nn.Module]:
         if base_name not in ("diagonal", "full_rank"):
             raise ConfigError(f"flow_base must be 'diagonal' or 'full_rank', got {base_name!r}")
         base = (_diagonal if base_name == "diagonal" else _full_rank)(cfg, num_data)
-        extra = {"count_bins": _option(cfg, "count_bins")} if kind == "spline" else {}
-        transforms = FLOW_TRANSFORMS[kind](
+        factory = FLOW_TRANSFORMS[kind]
+        # Options a factory declares beyond the common four (e.g. the spline's count_bins).
+        extra = {name: _option(cfg, name) for name in getattr(factory, "options", ())}
+        transforms = factory(
             cfg.latent_dim,
             base.feature_dim,
             _option(cfg, "num_transforms"),
@@ -238,7 +241,7 @@ def _categorical256(cfg: VAEConfig) -> nn.Module:
     return Categorical256(_decoder(cfg, 256), num_levels=256)
 
 
-#: name -> factory(config) for the prior (a VampPrior gets the family from the VAE).
+#: name -> factory(config, likelihood) for the prior (a VampPrior gets the family from the VAE).
 PRIORS: dict[str, Callable[..., nn.Module]] = {
     "standard": _standard,
     "learned": _learned,
@@ -352,8 +355,8 @@ def build_vae(config: VAEConfig, num_data: int) -> VAE:
     _check_config(config)
     num_data = check_positive_int(num_data, "num_data")
     family = _lookup(FAMILIES, config.family, "family")(config, num_data)
-    prior = _lookup(PRIORS, config.prior, "prior")(config)
     likelihood = _lookup(LIKELIHOODS, config.likelihood, "likelihood")(config)
+    prior = _lookup(PRIORS, config.prior, "prior")(config, likelihood)
     vae = VAE(prior, family, likelihood, num_data=num_data)
     vae.config = config  # fit(checkpoint_dir=...) saves it; pyrovae.load_model rebuilds from it
     return vae

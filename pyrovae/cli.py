@@ -27,6 +27,7 @@ from .errors import ConfigError, PyrovaeError
 __all__ = ["main", "build_parser"]
 
 LOSSES = ("elbo", "meanfield", "iwae", "jit")
+GRADIENTS = ("standard", "dreg", "stl")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -80,14 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(t)
     g = t.add_argument_group("training")
     g.add_argument("--loss", default="elbo", choices=LOSSES,
-                   help="elbo: Trace_ELBO; meanfield: TraceMeanField_ELBO (analytic KL); "
-                   "iwae: RenyiELBO(alpha=0), the IWAE bound; jit: JitTrace_ELBO (compiled)")
-    g.add_argument("--num-particles", type=int, default=1, help="particles per datapoint (IWAE's k)")
+                   help="elbo: the ELBO (Trace_ELBO); meanfield: TraceMeanField_ELBO (analytic KL); "
+                   "iwae: the IWAE bound (pyrovae.losses.IWAE); jit: JitTrace_ELBO (compiled)")
+    g.add_argument("--num-particles", type=int, default=None,
+                   help="particles per datapoint (IWAE's k; default: 5 for iwae, 1 otherwise)")
+    g.add_argument("--gradient", default="standard", choices=GRADIENTS,
+                   help="the gradient estimator: standard (reparameterized); dreg (doubly "
+                   "reparameterized, Tucker et al. 2019; --loss iwae); stl (sticking the landing, "
+                   "Roeder et al. 2017; --loss elbo) (default: standard)")
     g.add_argument("--beta", type=float, default=1.0, help="weight on the KL term (default: 1)")
     g.add_argument("--kl-warmup", type=float, default=0.0, help="epochs of linear KL warm-up")
     g.add_argument("--epochs", type=int, default=20, help="passes over the training set (default: 20)")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--num-train", type=int, default=None, metavar="N",
+                   help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
                    help="share of the training split held out for validation (default: 0.1)")
     g.add_argument("--seed", type=int, default=0)
@@ -114,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
     v.add_argument("--num-samples", type=int, default=5000, help="K (default: 5000)")
     v.add_argument("--eval-points", type=int, default=None)
-    v.add_argument("--data-root", default=None)
+    v.add_argument("--data-root", default=None,
+                   help="folder holding the data files (default: the run's own, else $PYROVAE_DATA)")
     v.add_argument("--split", default="test")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
@@ -138,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all test points, the exact mixture; for a flow family, whose "
                     "density at another point costs an inverse, e.g. 100 is much faster and "
                     "slightly biased)")
-    gp.add_argument("--data-root", default=None)
+    gp.add_argument("--data-root", default=None,
+                    help="folder holding the data files (default: each run's own, else $PYROVAE_DATA)")
     gp.add_argument("--seed", type=int, default=0)
     gp.add_argument("--device", default="cpu")
     gp.add_argument("--no-progress", action="store_true")
@@ -182,23 +192,32 @@ def _load(dataset: str, split: str, root: Any, binarize: Any) -> Any:
     return load_dataset(dataset, split, root=root, binarize=binarize)
 
 
-def _loss(name: str, num_particles: int) -> Any:
-    from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+def _loss(name: str, num_particles: int | None, gradient: str = "standard") -> Any:
+    """The objective that ``--loss``, ``--num-particles`` and ``--gradient`` name."""
+    from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
+    from .losses import IWAE, ReparamELBO
+
+    if num_particles is None:
+        num_particles = 5 if name == "iwae" else 1
     if num_particles < 1:
         raise ConfigError(f"--num-particles must be >= 1, got {num_particles}")
+    allowed = {"iwae": ("standard", "dreg"), "elbo": ("standard", "stl")}.get(name, ("standard",))
+    if gradient not in allowed:
+        fix = {"dreg": "--loss iwae", "stl": "--loss elbo"}.get(gradient, "--gradient standard")
+        raise ConfigError(f"--gradient {gradient} does not apply to --loss {name}; use {fix}")
+    vectorize = num_particles > 1
+    if name == "iwae":
+        return IWAE(num_particles=num_particles, gradient=gradient)
     if name == "elbo":
-        return Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+        if gradient == "stl":
+            return ReparamELBO(num_particles=num_particles, gradient="stl")
+        return Trace_ELBO(num_particles=num_particles, vectorize_particles=vectorize)
     if name == "meanfield":
-        return TraceMeanField_ELBO(
-            num_particles=num_particles, vectorize_particles=num_particles > 1
-        )
-    if name == "jit":
-        return JitTrace_ELBO(
-            num_particles=num_particles, vectorize_particles=num_particles > 1,
-            ignore_jit_warnings=True,
-        )
-    return RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=True)
+        return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=vectorize)
+    return JitTrace_ELBO(
+        num_particles=num_particles, vectorize_particles=vectorize, ignore_jit_warnings=True
+    )
 
 
 def _split_validation(train: Any, fraction: float, seed: int) -> tuple[Any, Any]:
@@ -260,6 +279,8 @@ _RUN_OPTIONS = (
     "dataset", "binarize", "validation_fraction", "loss", "num_particles", "beta", "kl_warmup",
     "epochs", "batch_size", "lr", "seed", "checkpoint_every_steps", "clip_grad_norm",
 )
+# Run options that older runs did not save (absent means the default).
+_OPTIONAL_RUN_OPTIONS = {"num_train": None, "gradient": "standard"}
 # Model options and the VAEConfig field each one sets.
 _MODEL_OPTIONS = {
     "latent_dim": "latent_dim", "hidden_dims": "hidden_dims", "activation": "activation",
@@ -329,6 +350,15 @@ def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
             )
         if dest not in given:
             setattr(args, dest, options[dest])
+    for dest in _OPTIONAL_RUN_OPTIONS:  # saved by newer runs only
+        saved_value = options.get(dest, _OPTIONAL_RUN_OPTIONS[dest])
+        if dest in given and getattr(args, dest) != saved_value:
+            raise ConfigError(
+                f"{_flag(dest)} {getattr(args, dest)} conflicts with the run's saved "
+                f"{dest}={saved_value!r} in {run / CONFIG_NAME}; drop {_flag(dest)} to "
+                f"resume {run}, or start a new run"
+            )
+        setattr(args, dest, saved_value)
     args.out = run
     vae_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in vae_fields.items()}
     try:
@@ -346,9 +376,9 @@ def _check_numbers(args: argparse.Namespace) -> None:
         return ConfigError(f"{_flag(dest)} must be {need}, got {getattr(args, dest)}")
 
     for dest in ("latent_dim", "epochs", "batch_size", "num_particles", "num_samples"):
-        if dest in args and getattr(args, dest) < 1:
+        if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
-    for dest in ("eval_points", "checkpoint_every_steps"):
+    for dest in ("eval_points", "checkpoint_every_steps", "num_train"):
         if getattr(args, dest, None) is not None and getattr(args, dest) < 1:
             raise bad(dest, "a positive integer")
     if "hidden_dims" in args and any(h < 1 for h in args.hidden_dims):
@@ -364,20 +394,21 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from . import plots
     from .build import VAEConfig, build_vae
-    from .training import fit
-
-    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+    from .checkpoint import CHECKPOINT_NAME
 
     resuming = args.resume is not None
     saved_config = _resume_run(args, args.given) if resuming else None
     _check_numbers(args)
     if not 0 <= args.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in [0, 1), got {args.validation_fraction}")
-    _loss(args.loss, args.num_particles)
+    if args.num_particles is None:
+        args.num_particles = 5 if args.loss == "iwae" else 1
+    _loss(args.loss, args.num_particles, args.gradient)
     device = _device(args.device)
     train_full = _load(args.dataset, "train", args.data_root, args.binarize)
+    if args.num_train is not None:
+        train_full = train_full.subset(min(args.num_train, len(train_full)))
     test = _load(args.dataset, "test", args.data_root, args.binarize)
     train, valid = _split_validation(train_full, args.validation_fraction, args.seed)
     config = saved_config or VAEConfig(
@@ -394,17 +425,38 @@ def _train(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     vae = build_vae(config, num_data=len(train))
-    loss = _loss(args.loss, args.num_particles)
+    loss = _loss(args.loss, args.num_particles, args.gradient)
     out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if not resuming and (out / CHECKPOINT_NAME).exists():
         raise ConfigError(f"--out {out} already holds a trained run; continue it with --resume {out} "
                           "or choose another --out")
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create the run folder {out} ({e.strerror or e}); "
                           "choose a writable --out") from None
-    save_config(out, config, cli={k: getattr(args, k) for k in _RUN_OPTIONS})
+    try:
+        return _train_into(args, out, config, vae, loss, train, valid, test, device, resuming)
+    except PyrovaeError:
+        # A run refused before its first checkpoint leaves no folder behind.
+        if created and not (out / CHECKPOINT_NAME).exists():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss: Any,
+                train: Any, valid: Any, test: Any, device: torch.device, resuming: bool) -> int:
+    from . import plots
+    from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_config
+    from .training import fit
+
+    cli = {k: getattr(args, k) for k in (*_RUN_OPTIONS, *_OPTIONAL_RUN_OPTIONS)}
+    # Remembered so that 'pyrovae evaluate' and 'pyrovae gaps' find the same files.
+    cli["data_root"] = str(Path(args.data_root).resolve()) if args.data_root else None
+    save_config(out, config, cli=cli)
     print(f"pyrovae train: {args.dataset} ({len(train)} train, "
           f"{0 if valid is None else len(valid)} validation, {len(test)} test), "
           f"prior={config.prior} family={config.family} likelihood={config.likelihood} "
@@ -438,7 +490,7 @@ def _train(args: argparse.Namespace) -> int:
                                 not args.no_progress)
     metrics.update(
         dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
-        loss=args.loss, num_particles=args.num_particles, beta=args.beta,
+        loss=args.loss, num_particles=args.num_particles, gradient=args.gradient, beta=args.beta,
         kl_warmup_epochs=args.kl_warmup, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, device=str(device), train_seconds=train_seconds,
         clip_grad_norm=args.clip_grad_norm, checkpoint_every_steps=args.checkpoint_every_steps,
@@ -472,7 +524,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             "train'); evaluate it in Python with pyrovae.load_model and pyrovae.log_likelihood"
         )
     vae = load_model(args.run, device=device)
-    test = _load(options["dataset"], args.split, args.data_root, options.get("binarize"))
+    test = _load(options["dataset"], args.split, args.data_root or options.get("data_root"),
+                 options.get("binarize"))
     test = _fixed_test_set(test, args.eval_points, args.seed)
     print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points)")
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
@@ -510,7 +563,8 @@ def _gaps(args: argparse.Namespace) -> int:
     for run, label in zip(args.runs, labels):
         options = read_config(run)["cli"]
         vae = load_model(run, device=device)
-        test = _load(options["dataset"], "test", args.data_root, options.get("binarize"))
+        test = _load(options["dataset"], "test", args.data_root or options.get("data_root"),
+                     options.get("binarize"))
         test = _fixed_test_set(test, args.eval_points, args.seed).to(device)
         print(f"pyrovae gaps: {run} on {options['dataset']} test ({len(test)} points, "
               f"K={args.num_samples})", flush=True)
@@ -569,6 +623,27 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+#: The library's errors name Python arguments; on the command line they are flags.
+_CLI_WORDS = (
+    (r"\(e\.g\. binarize='dynamic' in pyrovae\.data, or torch\.bernoulli\(x\)\)",
+     "(--binarize dynamic)"),
+    (r"binarize='(\w+)'", r"--binarize \1"),
+    (r"binarize=None", "--binarize none"),
+    (r"\broot=\.\.\.", "--data-root DIR"),
+    (r"\bpass root=", "pass --data-root "),
+)
+
+
+def _speak_cli(message: str) -> str:
+    """One line, with the library's argument names replaced by the CLI's flags."""
+    import re
+
+    message = " ".join(message.split())
+    for pattern, flag in _CLI_WORDS:
+        message = re.sub(pattern, flag, message)
+    return message
+
+
 def _show_warning(message: Any, category: Any, filename: str, lineno: int,
                   file: Any = None, line: Any = None) -> None:
     print(f"pyrovae: warning: {message}", file=sys.stderr)
@@ -590,7 +665,7 @@ def main(argv: list[str] | None = None) -> int:
             return _gaps(args)
         return _evaluate(args)
     except PyrovaeError as e:
-        print(f"pyrovae {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"pyrovae {args.command}: error: {_speak_cli(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a folder that cannot be written, a full disk, ...
         print(f"pyrovae {args.command}: error: {e}", file=sys.stderr)

@@ -55,7 +55,7 @@ import torch
 from ._batching import as_dataset
 from ._checks import check_positive_int
 from .errors import ConfigError, DataError
-from .importance import _evaluating, _seeded
+from .evaluation import evaluating
 
 __all__ = [
     "ActiveUnits",
@@ -217,6 +217,18 @@ class Diagnostics:
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_vae(vae: Any) -> Any:
+    """The diagnostics read the VAE's family and prior: refuse anything else in one line."""
+    if not (isinstance(vae, torch.nn.Module) and all(
+        hasattr(vae, a) for a in ("family", "prior", "check_data")
+    )):
+        raise ConfigError(
+            f"the latent-space diagnostics need a pyrovae.VAE (they read its family and prior), "
+            f"got {type(vae).__name__}"
+        )
+    return vae
+
+
 def _device(vae: Any) -> torch.device:
     return next(iter(vae.parameters()), torch.empty(0)).device
 
@@ -304,7 +316,7 @@ def active_units(
     threshold = float(threshold)
     means, noise = [], []
     analytic = True
-    with _seeded(seed), _evaluating(vae):
+    with evaluating(_check_vae(vae), seed):
         for x, idx in _batches(vae, data, batch_size, min_points=2):
             q = vae.family(x, idx)
             try:
@@ -352,11 +364,11 @@ def kl_per_dimension(
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     check_positive_int(batch_size, "batch_size")
-    latent_dim = int(vae.latent_dim)
+    latent_dim = int(_check_vae(vae).latent_dim)
     totals: list[torch.Tensor] = []
     dims: list[torch.Tensor] | None = []
     analytic = True
-    with _seeded(seed), _evaluating(vae):
+    with evaluating(_check_vae(vae), seed):
         p = vae.prior()
         p_factors = _factors(p, latent_dim)
         for x, idx in _batches(vae, data, batch_size):
@@ -457,7 +469,7 @@ def mutual_information(
         raise DataError(f"data has {n} datapoint(s); the aggregate posterior needs at least 2")
     from tqdm.auto import tqdm
 
-    with _seeded(seed), _evaluating(vae):
+    with evaluating(_check_vae(vae), seed):
         # 1. Draws z_{n,s} ~ q(z|x_n) with their own log q and log p: (N, S) and (N, S, L).
         p = vae.prior()
         draws, log_q_own, log_p = [], [], []

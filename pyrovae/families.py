@@ -40,15 +40,22 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions.conditional import ConditionalTransform
+from pyro.distributions.transforms.planar import ConditionedPlanar
+from pyro.distributions.transforms.radial import ConditionedRadial
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from .splines import ConditionalSplineAutoregressive
 from .errors import ConfigError, DataError
 
 __all__ = [
     "Family",
+    "CAPABILITIES",
+    "capability",
+    "check_requirements",
+    "has_inverse",
     "DiagonalNormal",
     "FullRankNormal",
     "Flow",
@@ -76,6 +83,62 @@ def _feature_dim(encoder: nn.Module, feature_dim: int | None) -> int:
     return check_positive_int(feature_dim, "feature_dim")
 
 
+#: What each capability means, for error messages: "a family that ...".
+CAPABILITIES: dict[str, str] = {
+    "amortized": "has an encoder (is amortized)",
+    "per_datapoint": "holds parameters per training datapoint",
+    "log_prob_anywhere": "can evaluate log q(z|x) at any z (has an inverse)",
+}
+_DEFAULTS = {"amortized": True, "per_datapoint": False, "log_prob_anywhere": True}
+
+
+def capability(family: nn.Module, name: str) -> bool:
+    """Whether ``family`` declares capability ``name`` (one of :data:`CAPABILITIES`); a module
+    that only meets the contract gets the defaults of :class:`Family`."""
+    if name not in CAPABILITIES:
+        raise ConfigError(f"unknown capability {name!r}; one of {sorted(CAPABILITIES)}")
+    return bool(getattr(family, name, _DEFAULTS[name]))
+
+
+def check_requirements(part: object, family: nn.Module) -> None:
+    """Raise :class:`ConfigError` in one line if ``family`` lacks a capability that ``part``
+    (a prior, a loss) declares in its ``requires``, naming it and a family that has it."""
+    missing = [c for c in sorted(getattr(part, "requires", ())) if not capability(family, c)]
+    if missing:
+        needs = " and ".join(CAPABILITIES[c] for c in missing)
+        raise ConfigError(
+            f"{type(part).__name__} needs a variational family that {needs}, which "
+            f"{_describe(family)} does not; use DiagonalNormal, FullRankNormal or a Flow with "
+            "iaf, spline or householder steps (CLI: --family diagonal|full_rank|iaf|spline|"
+            "householder)"
+        )
+
+
+def _describe(family: nn.Module) -> str:
+    if isinstance(family, Flow):
+        steps = sorted({type(t).__name__ for t in family.transforms if not has_inverse(t)})
+        if steps:
+            return f"a Flow with {', '.join(steps)} steps (no inverse)"
+    return type(family).__name__
+
+
+#: Transforms that map only in the sampling direction: their log-density is known only at their
+#: own samples (Pyro caches the forward pass), so a flow using one cannot score an arbitrary z.
+_WITHOUT_INVERSE: tuple[type, ...] = (
+    T.Planar, T.ConditionalPlanar, ConditionedPlanar, T.Radial, T.ConditionalRadial,
+    ConditionedRadial, T.Sylvester,
+)
+
+
+def has_inverse(transform: object) -> bool:
+    """Whether a flow step can be inverted: its own ``has_inverse`` attribute if it declares one,
+    else ``False`` for Pyro's planar, radial and Sylvester steps and ``True`` otherwise."""
+    declared = getattr(transform, "has_inverse", None)
+    if declared is not None:
+        return bool(declared)
+    return not isinstance(transform, _WITHOUT_INVERSE)
+
+
 def _inverse_softplus(y: float) -> float:
     return math.log(math.expm1(y))
 
@@ -88,11 +151,25 @@ class Family(nn.Module):
     them.
 
     :param latent_dim: the size of ``z``.
-    :cvar amortized: ``True`` when ``q(z|x)`` is computed from ``x`` by an encoder (and can thus
-        be evaluated at new inputs, as a :class:`~pyrovae.priors.VampPrior` needs).
+
+    Capabilities are declared, never probed (:func:`capability` reads them, with the defaults
+    below for modules that only meet the contract); a prior states what it needs from the
+    family in ``requires`` and :class:`~pyrovae.VAE` refuses a family that lacks it:
+
+    :cvar amortized: ``True`` when ``q(z|x)`` is computed from ``x`` by an encoder, so it can be
+        evaluated at new inputs (a :class:`~pyrovae.priors.VampPrior`'s pseudo-inputs, test data).
+    :cvar per_datapoint: ``True`` when the family holds parameters for each training datapoint,
+        looked up by the batch's indices (:class:`LocalNormal`, :class:`Local`): it has none for
+        other data.
+    :cvar log_prob_anywhere: ``True`` when ``log q(z|x)`` can be evaluated at any ``z``, not only
+        at the family's own samples (every family but flows without an inverse, such as planar
+        and radial). The VampPrior, the sticking-the-landing and DReG gradients, and the
+        aggregate posterior of :func:`~pyrovae.mutual_information` need it.
     """
 
     amortized: bool = True
+    per_datapoint: bool = False
+    log_prob_anywhere: bool = True
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -289,7 +366,7 @@ class Flow(Family):
     """
 
     def __init__(self, base: nn.Module, transforms: Sequence[nn.Module]) -> None:
-        if not isinstance(base, Family) or not base.amortized:
+        if not isinstance(base, Family) or not capability(base, "amortized"):
             raise ConfigError(
                 f"the base of a Flow must be an amortized pyrovae family such as DiagonalNormal, "
                 f"got {type(base).__name__}"
@@ -307,6 +384,13 @@ class Flow(Family):
         self.base = base
         self.transforms = nn.ModuleList(transforms)
         self.feature_dim = getattr(base, "feature_dim", None)
+
+    @property
+    def log_prob_anywhere(self) -> bool:  # type: ignore[override]
+        """Whether every step has an inverse (planar and radial steps have none)."""
+        return capability(self.base, "log_prob_anywhere") and all(
+            has_inverse(t) for t in self.transforms
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.base.features(x)
@@ -410,7 +494,7 @@ def spline_autoregressive(
     check_positive_int(count_bins, "count_bins")
     check_positive_float(bound, "bound")
     return [
-        T.ConditionalSplineAutoregressive(
+        ConditionalSplineAutoregressive(
             latent_dim,
             # Pyro's conditional_spline_autoregressive always asks for the 4 outputs of the
             # linear-order spline, so build the rational-quadratic one's network here.
@@ -422,7 +506,6 @@ def spline_autoregressive(
             ),
             count_bins=count_bins,
             bound=bound,
-            order="quadratic",
         )
         for _ in range(num_transforms)
     ]
@@ -447,7 +530,10 @@ def householder(
     ]
 
 
-#: name -> factory ``(latent_dim, context_dim, num_transforms, hidden_dims)`` of flow steps.
+spline_autoregressive.options = ("count_bins",)  # type: ignore[attr-defined]
+
+#: name -> factory ``(latent_dim, context_dim, num_transforms, hidden_dims, **options)`` of flow
+#: steps; a factory's ``options`` attribute names the extra options it takes.
 FLOW_TRANSFORMS: dict[str, Callable[..., list[nn.Module]]] = {
     "iaf": iaf,
     "planar": planar,
@@ -490,6 +576,7 @@ class LocalNormal(Family):
     """
 
     amortized = False
+    per_datapoint = True
 
     def __init__(
         self, num_data: int, latent_dim: int, *, init_scale: float = 1.0, min_scale: float = 1e-5
@@ -528,6 +615,11 @@ class Local(Family):
     """
 
     amortized = False
+    per_datapoint = True
+
+    @property
+    def log_prob_anywhere(self) -> bool:  # type: ignore[override]
+        return capability(self.family, "log_prob_anywhere")
 
     def __init__(self, family: nn.Module, params: dict[str, torch.Tensor]) -> None:
         if not hasattr(family, "distribution_from_params"):

@@ -10,10 +10,21 @@ For each datapoint, with the guide as proposal,
     \log p(x) \approx \log \frac1K \sum_{k=1}^K e^{w_k} \quad (\text{the IWAE bound } L_K),
     \qquad \mathrm{ELBO}(x) \approx \frac1K \sum_{k=1}^K w_k .
 
-The draws are vectorized under a particle plate and chunked so that at most ``max_rows``
-latent rows go through the decoder at once: memory stays bounded for any ``K``. The weights are
-computed from each site's own ``log_prob``, so the ``"data"`` plate's subsample scale never leaks
-into them.
+The draws are vectorized under a particle plate and chunked so that the decoder's
+distributions never hold more than ``max_bytes`` at once (measured per row on a probe, see
+:mod:`pyrovae.evaluation`): memory stays bounded for any ``K`` and any likelihood. The weights
+are computed from each site's own ``log_prob``, so the ``"data"`` plate's subsample scale never
+leaks into them.
+
+What is scored: a :class:`~pyrovae.VAE`, or any Pyro model/guide pair written as in Pyro's VAE
+tutorial, passed as a tuple ``(model, guide)``: ``log_likelihood((model, guide), data)``. The
+latent and observed sites and the data plate are found from the traces (see
+:class:`pyrovae.evaluation.Program`); no ``idx`` is needed.
+
+Non-finite weights. A log-weight is ``-inf`` when a draw gives the datapoint zero density (e.g.
+a likelihood whose support misses the datapoint); when *every* draw of a datapoint does, its
+estimate is ``-inf`` and its ESS undefined. Such datapoints are counted
+(:attr:`LogLikelihood.num_nonfinite_weights`) and said, never averaged into a ``nan``.
 
 Reliability. An importance-sampling estimate is only as good as the proposal's coverage of the
 posterior. :func:`log_likelihood` reports, per datapoint, the Pareto-smoothed importance sampling
@@ -45,14 +56,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-import pyro
 import torch
-from pyro import poutine
 
-from ._batching import as_dataset
-from ._checks import check_positive_int, check_seed, check_vae, to_device
+from ._checks import check_positive_int
 from .errors import ConfigError, ImportanceSamplingWarning
+from .evaluation import (
+    DEFAULT_MAX_BYTES,
+    Estimate,
+    Program,
+    check_budget,
+    check_local,
+    chunks,
+    evaluating,
+    mean_stderr,
+    refuse_local,
+    rows_per_chunk,
+)
 
 __all__ = [
     "LogLikelihood",
@@ -78,8 +97,8 @@ _EQUAL_WEIGHTS_ATOL = 1e-6
 
 
 @dataclass(frozen=True)
-class LogLikelihood:
-    r"""Per-datapoint estimates and their summary.
+class LogLikelihood(Estimate):
+    r"""Per-datapoint estimates and their summary (an :class:`~pyrovae.evaluation.Estimate`).
 
     :ivar values: per-datapoint estimates, shape ``(num_datapoints,)`` (nats).
     :ivar mean: their mean (nats per datapoint).
@@ -88,17 +107,18 @@ class LogLikelihood:
     :ivar khat: per-datapoint PSIS :math:`\hat k`, shape ``(num_datapoints,)``, or ``None`` when
         diagnostics were not computed. ``-inf`` where all ``K`` log-weights are equal (an exact
         proposal: perfectly reliable; ArviZ itself would say ``inf``); ``nan`` when ``K < 25``
-        (too few draws to fit a tail).
+        (too few draws to fit a tail) or when the datapoint has non-finite log-weights.
     :ivar ess: per-datapoint effective sample size :math:`1/\sum_k \tilde w_k^2` of the
-        normalized weights, shape ``(num_datapoints,)``, in ``[1, K]``; or ``None``.
+        normalized weights, shape ``(num_datapoints,)``, in ``[1, K]``; ``nan`` where every
+        log-weight is ``-inf`` (no weight to normalize); or ``None``.
+    :ivar num_nonfinite_weights: datapoints with at least one non-finite log-weight (``-inf``:
+        a draw of zero density under the model; ``nan``/``+inf``: a broken density).
     """
 
-    values: torch.Tensor
-    mean: float
-    stderr: float
-    num_samples: int
+    num_samples: int = 1
     khat: torch.Tensor | None = None
     ess: torch.Tensor | None = None
+    num_nonfinite_weights: int = 0
 
     @property
     def unreliable_share(self) -> float:
@@ -110,41 +130,85 @@ class LogLikelihood:
             return float("nan")
         return float((self.khat > KHAT_THRESHOLD).double().mean())
 
-    def __str__(self) -> str:
-        text = f"{self.mean:.2f} ± {self.stderr:.2f} nats (K={self.num_samples}, n={len(self.values)})"
+    @property
+    def mean_ess(self) -> float:
+        """Mean ESS over the datapoints where it is defined (``nan`` only if none is)."""
+        if self.ess is None:
+            return float("nan")
+        finite = self.ess[torch.isfinite(self.ess)]
+        return float(finite.double().mean()) if finite.numel() else float("nan")
+
+    def reliability(self) -> str:
+        """One line on the importance weights: k-hat share, mean ESS, non-finite weights."""
+        parts = []
         share = self.unreliable_share
         if not math.isnan(share):
-            text += f", k-hat > {KHAT_THRESHOLD} for {100 * share:.1f}%"
-        return text
+            parts.append(f"k-hat > {KHAT_THRESHOLD} for {100 * share:.1f}%")
+        if self.ess is not None:
+            defined = int(torch.isfinite(self.ess).sum())
+            if defined:
+                parts.append(
+                    f"mean ESS {self.mean_ess:.1f} of K={self.num_samples}"
+                    + ("" if defined == self.num_datapoints else f" over {defined} datapoints")
+                )
+            else:
+                parts.append("ESS undefined for every datapoint")
+        if self.num_nonfinite_weights:
+            parts.append(
+                f"{self.num_nonfinite_weights} of {self.num_datapoints} datapoints had "
+                "non-finite log-weights (-inf: zero density under the model)"
+            )
+        return ", ".join(parts)
+
+    def to_dict(self, per_datapoint: bool = False) -> dict[str, Any]:
+        out = super().to_dict(per_datapoint)
+        out["khat_above_0.7_share"] = (
+            None if math.isnan(self.unreliable_share) else self.unreliable_share
+        )
+        out["mean_ess"] = None if math.isnan(self.mean_ess) else self.mean_ess
+        return out
+
+    def __str__(self) -> str:
+        why = self.why_not_finite()
+        head = (
+            f"not finite: {why}" if why is not None else f"{self.mean:.2f} ± {self.stderr:.2f} nats"
+        )
+        text = f"{head} (K={self.num_samples}, n={self.num_datapoints})"
+        rel = self.reliability()
+        return f"{text}, {rel}" if rel else text
 
 
 @dataclass(frozen=True)
-class IWAEBounds:
+class IWAEBounds(Estimate):
     r"""IWAE bounds :math:`L_K` for several ``K`` from one set of draws per datapoint.
 
     :math:`L_K(x) = \log \frac1K \sum_{k=1}^K e^{w_k}` uses the *first* ``K`` of the same
     :math:`\max K` draws, so the estimates are nested (and :math:`L_1` is one-sample ELBO).
     In expectation :math:`L_1 \le L_{10} \le \dots \le \log p(x)` (Burda et al. 2016).
 
+    :ivar values: per-datapoint bounds, shape ``(m, num_datapoints)``, one row per ``K``.
+    :ivar mean: the mean of the tightest bound :math:`L_{\max K}` (the headline estimate).
+    :ivar stderr: its standard error over datapoints.
     :ivar num_samples: the ``K`` values, ascending, length ``m``.
-    :ivar values: per-datapoint bounds, shape ``(m, num_datapoints)``.
     :ivar means: mean over datapoints for each ``K``, shape ``(m,)``.
     :ivar stderrs: standard error of each mean over datapoints, shape ``(m,)``.
     """
 
-    num_samples: tuple[int, ...]
-    values: torch.Tensor
-    means: torch.Tensor
-    stderrs: torch.Tensor
+    num_samples: tuple[int, ...] = ()
+    means: torch.Tensor | None = None
+    stderrs: torch.Tensor | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, per_datapoint: bool = False) -> dict[str, Any]:
         """A JSON-ready summary: ``{"num_samples": [...], "mean": [...], "stderr": [...]}``."""
-        return {
+        out = {
             "num_samples": list(self.num_samples),
             "mean": [float(v) for v in self.means],
             "stderr": [float(v) for v in self.stderrs],
             "num_datapoints": int(self.values.shape[1]),
         }
+        if per_datapoint:
+            out["per_datapoint"] = {f"L_{k}": v.tolist() for k, v in zip(self.num_samples, self.values)}
+        return out
 
     def __str__(self) -> str:
         return ", ".join(
@@ -162,7 +226,9 @@ def effective_sample_size(w: torch.Tensor) -> torch.Tensor:
         = \exp\big(2 \operatorname{logsumexp}(w) - \operatorname{logsumexp}(2w)\big).
 
     :param w: log-weights, shape ``(K, ...)``.
-    :returns: shape ``w.shape[1:]``, values in ``[1, K]``.
+    :returns: shape ``w.shape[1:]``, values in ``[1, K]``; ``nan`` where every log-weight is
+        ``-inf`` (no weight to normalize) or one is ``nan``/``+inf``. ``-inf`` weights among
+        finite ones simply count as zero weights.
     """
     return torch.exp(2 * torch.logsumexp(w, 0) - torch.logsumexp(2 * w, 0))
 
@@ -174,7 +240,8 @@ def psis_khat(w: torch.Tensor) -> torch.Tensor:
     :returns: shape ``(batch,)`` (same dtype and device as ``w``). Columns whose log-weights
         all lie within ``1e-6`` nats of each other get ``-inf`` (equal weights: an exact proposal,
         perfectly reliable, where ArviZ would answer ``inf``); all columns get ``nan`` when
-        ``K < 25`` (the Pareto tail would have fewer than 5 draws).
+        ``K < 25`` (the Pareto tail would have fewer than 5 draws); a column with a non-finite
+        log-weight gets ``nan`` (no tail can be fitted).
     """
     import arviz
 
@@ -182,85 +249,148 @@ def psis_khat(w: torch.Tensor) -> torch.Tensor:
     if num_samples < _MIN_SAMPLES_FOR_KHAT:
         return torch.full((batch,), float("nan"), dtype=w.dtype, device=w.device)
     lw = w.detach().to("cpu", torch.float64).numpy().T
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ArviZ's own k-hat warnings: we issue ours
-        _, khat = arviz.psislw(np.ascontiguousarray(lw))
-    khat = np.asarray(khat, dtype=np.float64).reshape(batch)
-    spread = lw.max(1) - lw.min(1)
-    khat[np.isfinite(spread) & (spread <= _EQUAL_WEIGHTS_ATOL)] = -np.inf
+    finite = np.isfinite(lw).all(1)
+    khat = np.full(batch, np.nan)
+    if finite.any():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ArviZ's own k-hat warnings: we issue ours
+            _, k = arviz.psislw(np.ascontiguousarray(lw[finite]))
+        khat[finite] = np.asarray(k, dtype=np.float64).reshape(-1)
+    with np.errstate(invalid="ignore"):
+        spread = lw.max(1) - lw.min(1)
+    khat[finite & np.isfinite(spread) & (spread <= _EQUAL_WEIGHTS_ATOL)] = -np.inf
     return torch.as_tensor(khat, dtype=w.dtype, device=w.device)
 
 
-def log_weights(
-    vae: Any, x: torch.Tensor, idx: torch.Tensor | None = None, num_samples: int = 1
-) -> torch.Tensor:
-    r"""Log importance weights :math:`w_k` for a batch, shape ``(num_samples, batch)``.
+def log_weights(model: Any, *args: Any, num_samples: int = 1, **kwargs: Any) -> torch.Tensor:
+    r"""Log importance weights :math:`w_k` of each datapoint, shape ``(num_samples, batch)``.
 
-    Traces ``vae.guide`` under a particle plate, replays ``vae.model`` against it, and sums each
-    sample site's unscaled ``log_prob`` (model sites minus guide sites).
+    .. math::
+
+        w_k = \sum_{\text{sites } s \text{ of the model}} \log p_s(v_{s,k})
+              - \sum_{\text{latent sites } s} \log q_s(v_{s,k}), \qquad v_k \sim q .
+
+    Two forms, like Pyro's importance functions:
+
+    - ``log_weights(model, guide, *args, num_samples=K, **kwargs)``: any Pyro model and guide,
+      called with ``*args, **kwargs``; the batch is the data plate found from the traces;
+    - ``log_weights(vae, x, idx=None, num_samples=K)``: a :class:`~pyrovae.VAE` (convenience).
+
+    The guide is traced under a particle plate left of every plate of the programs, the model
+    replayed against it, and each sample site's *unscaled* ``log_prob`` summed per datapoint.
     """
-    if idx is None:
+    if isinstance(model, (tuple, list)) or (
+        isinstance(model, torch.nn.Module) and callable(getattr(model, "check_data", None))
+    ):
+        program = Program.resolve(model)
+        x = args[0] if args else kwargs.pop("x")
+        idx = args[1] if len(args) > 1 else kwargs.pop("idx", None)
+        if len(args) > 2:
+            num_samples = args[2]
+        call = (x, idx)
+    else:
+        if not args or not callable(args[0]):
+            raise ConfigError(
+                "log_weights takes (model, guide, *args) or (vae, x, idx=None); the second "
+                "argument must be the guide"
+            )
+        program = _CallProgram(model, args[0], args[1:], kwargs)
+        call = (None, None)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    x, idx = call
+    if idx is None and x is not None:
         idx = torch.arange(x.shape[0], device=x.device)
-    particles = pyro.plate("_pyrovae_particles", num_samples, dim=-2)
-    with poutine.block():
-        guide_trace = poutine.trace(particles(vae.guide)).get_trace(x, idx)
-        model_trace = poutine.trace(
-            poutine.replay(particles(vae.model), trace=guide_trace)
-        ).get_trace(x, idx)
-    w = x.new_zeros(num_samples, x.shape[0])
-    for name, site in model_trace.nodes.items():
-        if site["type"] == "sample":
-            w = w + site["fn"].log_prob(site["value"])
-            if not site["is_observed"]:
-                g = guide_trace.nodes.get(name)
-                if g is None:
-                    raise ConfigError(
-                        f"latent site {name!r} of the model has no counterpart in the guide"
-                    )
-                w = w - g["fn"].log_prob(g["value"])
-    return w
+    if isinstance(program, _CallProgram):
+        return program.weights(num_samples)
+    program.analyze(x, idx)
+    return program.log_weights(x, idx, num_samples)
 
 
-def _chunked_log_weights(
-    vae: Any, data: Any, num_samples: int, max_rows: int, progress: bool, desc: str
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(idx, w)`` with ``w`` of shape ``(num_samples, len(idx))``, covering ``data``."""
-    dataset = as_dataset(data, "data")
-    n = len(dataset)
-    if n == 0:
-        from .errors import DataError
+class _CallProgram(Program):
+    """A model/guide pair called with fixed ``*args, **kwargs`` (for :func:`log_weights`)."""
 
-        raise DataError("data is empty; pass at least one datapoint")
-    points_per_batch = max(1, max_rows // num_samples)
-    particles_per_chunk = min(num_samples, max_rows)
-    device = next(iter(vae.parameters()), torch.empty(0)).device
-    from tqdm.auto import tqdm
+    def __init__(self, model: Any, guide: Any, args: tuple, kwargs: dict) -> None:
+        super().__init__(model, guide)
+        self._call = (args, kwargs)
 
-    with tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False) as bar:
-        for start in range(0, n, points_per_batch):
-            x, idx = dataset[torch.arange(start, min(start + points_per_batch, n))]
-            x = to_device(torch.as_tensor(x), device)
-            idx = torch.as_tensor(idx).to(device)
-            if start == 0:
-                vae.check_data(x)
-            chunks = []
-            for k0 in range(0, num_samples, particles_per_chunk):
-                k = min(particles_per_chunk, num_samples - k0)
-                chunks.append(log_weights(vae, x, idx, k))
-            yield idx, torch.cat(chunks, 0)
-            bar.update(len(idx))
+    def _traces(self, x: Any, idx: Any, num_samples: Any, **options: Any) -> Any:
+        import pyro
+        from pyro import poutine
+
+        args, kwargs = self._call
+
+        def wrap(fn: Any) -> Any:
+            if num_samples is None:
+                return fn
+            return pyro.plate("_pyrovae_particles", num_samples, dim=self.particle_dim)(fn)
+
+        with poutine.block():
+            guide_trace = poutine.trace(wrap(self.guide)).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(
+                poutine.replay(wrap(self.model), trace=guide_trace)
+            ).get_trace(*args, **kwargs)
+        return guide_trace, model_trace
+
+    def weights(self, num_samples: int) -> torch.Tensor:
+        with torch.random.fork_rng(), torch.no_grad():  # a probe: draws nothing from the stream
+            _, model_trace = self._traces(None, None, None)
+        # the batch size: the size of the plate enclosing the first observed site
+        obs = [s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"]]
+        if not obs:
+            raise ConfigError("the model has no observed site (pyro.sample(..., obs=x))")
+        frames = [f for f in obs[0]["cond_indep_stack"] if f.vectorized]
+        named = [f for f in frames if f.name == "data"]
+        frame = (named or sorted(frames, key=lambda f: f.dim) or [None])[0]
+        batch = 1 if frame is None else int(frame.size)
+        probe = torch.zeros(batch)
+        self.analyze(probe, torch.arange(batch))
+        return self.log_weights(probe, torch.arange(batch), num_samples)
 
 
-def _summarize(values: torch.Tensor, num_samples: int) -> LogLikelihood:
+def _weight_batches(
+    program: Program,
+    data: Any,
+    num_samples: int,
+    *,
+    max_bytes: int,
+    max_rows: int | None,
+    progress: bool,
+    desc: str,
+    local: str | None,
+    local_options: dict[str, Any] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the log-weights ``(num_samples, batch)`` of consecutive batches covering ``data``."""
+    if not program.amortized and local == "fit":
+        from .gaps import _fitted_programs
+
+        for sub, x, idx in _fitted_programs(program, data, **(local_options or {})):
+            sub.analyze(x, idx)
+            yield _draw(sub, x, idx, num_samples, rows_per_chunk(sub, max_bytes, max_rows))
+        return
+    if local != "lookup":
+        refuse_local(program, desc)
+    for x, idx, per_chunk, _ in chunks(
+        program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows, progress=progress,
+        desc=desc,
+    ):
+        parts = []
+        for k0 in range(0, num_samples, per_chunk):
+            parts.append(program.log_weights(x, idx, min(per_chunk, num_samples - k0)))
+        yield torch.cat(parts, 0)
+
+
+def _draw(program: Program, x: torch.Tensor, idx: torch.Tensor, num_samples: int, rows: int) -> torch.Tensor:
+    per_chunk = max(1, min(num_samples, rows // max(1, x.shape[0])))
+    parts = []
+    for k0 in range(0, num_samples, per_chunk):
+        parts.append(program.log_weights(x, idx, min(per_chunk, num_samples - k0)))
+    return torch.cat(parts, 0)
+
+
+def _estimate(cls: type, values: torch.Tensor, **extra: Any) -> Any:
     values = values.detach().cpu()
-    n = values.numel()
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return LogLikelihood(values, float(values.mean()), stderr, num_samples)
-
-
-def _check(num_samples: Any, max_rows: Any, vae: Any = None) -> tuple[int, int]:
-    check_vae(vae)
-    return check_positive_int(num_samples, "num_samples"), check_positive_int(max_rows, "max_rows")
+    mean, stderr = mean_stderr(values)
+    return cls(values, mean, stderr, **extra)
 
 
 @torch.no_grad()
@@ -269,20 +399,33 @@ def log_likelihood(
     data: Any,
     num_samples: int = 1000,
     *,
-    max_rows: int = 2048,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int | None = None,
     seed: int | None = None,
     progress: bool = False,
     diagnostics: bool = True,
     warn_share: float = 0.01,
+    local: str | None = None,
 ) -> LogLikelihood:
     r"""Estimate :math:`\log p(x)` of each datapoint by importance sampling with ``K`` draws.
 
-    :param vae: a :class:`~pyrovae.VAE` (or anything with the same ``model``/``guide``).
-    :param data: a tensor ``(num_datapoints, num_features)`` or a dataset of ``(x, idx)``.
+    .. math::
+
+        \log \hat p(x) = \log \frac1K \sum_{k=1}^K e^{w_k}, \qquad
+        w_k = \log p(x, z_k) - \log q(z_k \mid x), \quad z_k \sim q(z \mid x).
+
+    :param vae: a :class:`~pyrovae.VAE`, or a ``(model, guide)`` pair of Pyro programs called
+        as ``model(x)`` / ``guide(x)`` with their sites in a plate over the batch (as in Pyro's
+        VAE tutorial).
+    :param data: a tensor ``(num_datapoints, num_features)`` (a pair also takes
+        ``(num_datapoints, ...)``) or a dataset of ``(x, idx)``.
     :param num_samples: ``K``, importance samples per datapoint (>= 1). ``K = 1`` gives an
         unbiased estimate of the ELBO; the estimate is a lower bound in expectation that tightens
         as ``K`` grows (Burda et al. 2016).
-    :param max_rows: at most this many latent rows are decoded at once (bounds memory).
+    :param max_bytes: memory budget of one decoder call, in bytes of the distributions' tensors
+        (measured per row on a probe; default 256 MiB).
+    :param max_rows: optional cap on rows (draws x datapoints) per decoder call (default 2048,
+        a CPU decoder's sweet spot).
     :param seed: if given, the draws are reproducible (the global RNG is left as it was).
     :param progress: show a progress bar.
     :param diagnostics: also compute each datapoint's PSIS :math:`\hat k` and ESS (see
@@ -291,36 +434,50 @@ def log_likelihood(
     :param warn_share: issue an :class:`~pyrovae.errors.ImportanceSamplingWarning` when more than
         this share of datapoints has :math:`\hat k > 0.7` (the estimate is then not to be
         trusted: the proposal is too narrow).
+    :param local: for a family that keeps parameters per datapoint (``LocalNormal``, ``Local``):
+        ``"fit"`` fits each scored datapoint's own parameters with the decoder fixed (as for
+        :math:`q^*` in :func:`pyrovae.gaps`) and uses them as the proposal; ``"lookup"`` uses the
+        stored parameters of the data's indices (only for the very data the family was fitted
+        on); ``None`` (default) refuses such a family.
     :returns: a :class:`LogLikelihood` (with ``khat`` and ``ess`` when ``diagnostics``).
     """
-    num_samples, max_rows = _check(num_samples, max_rows, vae)
+    program = Program.resolve(vae, "vae")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    max_bytes, max_rows = check_budget(max_bytes, max_rows)
+    local = check_local(local)
     values, khats, esss = [], [], []
-    with _seeded(seed), _evaluating(vae):
-        for _, w in _chunked_log_weights(vae, data, num_samples, max_rows, progress, "log p(x)"):
+    nonfinite = 0
+    with evaluating(program.modules, seed):
+        for w in _weight_batches(
+            program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
+            progress=progress, desc="log p(x)", local=local,
+        ):
             values.append(torch.logsumexp(w, 0) - math.log(num_samples))
+            nonfinite += int((~torch.isfinite(w)).any(0).sum())
             if diagnostics:
                 khats.append(psis_khat(w).cpu())
                 esss.append(effective_sample_size(w).cpu())
-    result = _summarize(torch.cat(values), num_samples)
+    extra: dict[str, Any] = {"num_samples": num_samples, "num_nonfinite_weights": nonfinite}
     if diagnostics:
-        result = LogLikelihood(
-            result.values,
-            result.mean,
-            result.stderr,
-            result.num_samples,
-            khat=torch.cat(khats),
-            ess=torch.cat(esss),
+        extra.update(khat=torch.cat(khats), ess=torch.cat(esss))
+    result = _estimate(LogLikelihood, torch.cat(values), **extra)
+    share = result.unreliable_share
+    if diagnostics and not math.isnan(share) and share > warn_share:
+        warnings.warn(
+            f"importance sampling is not to be trusted: {result.reliability()}; the proposal "
+            "q(z|x) is too narrow for the posterior: increase num_samples, use a more flexible "
+            "family, or estimate log p(x) by pyrovae.ais",
+            ImportanceSamplingWarning,
+            stacklevel=3,
         )
-        share = result.unreliable_share
-        if not math.isnan(share) and share > warn_share:
-            warnings.warn(
-                f"importance sampling is not to be trusted: PSIS k-hat > {KHAT_THRESHOLD} for "
-                f"{100 * share:.1f}% of the datapoints (mean ESS {float(result.ess.mean()):.1f} "
-                f"of K={num_samples}); the proposal q(z|x) is too narrow for the posterior: "
-                "increase num_samples or use a more flexible family",
-                ImportanceSamplingWarning,
-                stacklevel=3,
-            )
+    elif result.num_nonfinite:
+        warnings.warn(
+            f"log p(x) is not finite for {result.num_nonfinite} of {result.num_datapoints} "
+            f"datapoints ({result.why_not_finite()}); check that the data lie in the "
+            "likelihood's support",
+            ImportanceSamplingWarning,
+            stacklevel=3,
+        )
     return result
 
 
@@ -330,9 +487,11 @@ def iwae_bounds(
     data: Any,
     num_samples: Sequence[int] = (1, 10, 100, 1000, 5000),
     *,
-    max_rows: int = 2048,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int | None = None,
     seed: int | None = None,
     progress: bool = False,
+    local: str | None = None,
 ) -> IWAEBounds:
     r"""IWAE bounds :math:`L_K` of each datapoint for several ``K`` in one pass.
 
@@ -343,6 +502,7 @@ def iwae_bounds(
 
         L_K(x) = \operatorname{logsumexp}_{k \le K} w_k - \log K .
 
+    :param vae: a :class:`~pyrovae.VAE` or a ``(model, guide)`` pair (see :func:`log_likelihood`).
     :param num_samples: the ``K`` values (positive integers; sorted, duplicates dropped).
     :returns: an :class:`IWAEBounds`.
     """
@@ -356,10 +516,15 @@ def iwae_bounds(
         ) from None
     if not ks:
         raise ConfigError("num_samples is empty; pass e.g. (1, 10, 100, 1000)")
-    k_max, max_rows = _check(ks[-1], max_rows, vae)
+    program = Program.resolve(vae, "vae")
+    max_bytes, max_rows = check_budget(max_bytes, max_rows)
+    local = check_local(local)
     columns = []
-    with _seeded(seed), _evaluating(vae):
-        for _, w in _chunked_log_weights(vae, data, k_max, max_rows, progress, "IWAE bounds"):
+    with evaluating(program.modules, seed):
+        for w in _weight_batches(
+            program, data, ks[-1], max_bytes=max_bytes, max_rows=max_rows, progress=progress,
+            desc="IWAE bounds", local=local,
+        ):
             columns.append(
                 torch.stack([torch.logsumexp(w[:k], 0) - math.log(k) for k in ks]).cpu()
             )
@@ -370,7 +535,10 @@ def iwae_bounds(
         if n > 1
         else torch.full((len(ks),), float("nan"), dtype=values.dtype)
     )
-    return IWAEBounds(tuple(ks), values, values.mean(1), stderrs)
+    means = values.mean(1)
+    return IWAEBounds(
+        values, float(means[-1]), float(stderrs[-1]), tuple(ks), means, stderrs
+    )
 
 
 @torch.no_grad()
@@ -379,54 +547,34 @@ def elbo(
     data: Any,
     num_samples: int = 1,
     *,
-    max_rows: int = 2048,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_rows: int | None = None,
     seed: int | None = None,
     progress: bool = False,
+    local: str | None = None,
 ) -> LogLikelihood:
     r"""Monte Carlo estimate of each datapoint's ELBO, :math:`\frac1K \sum_k w_k`.
 
+    .. math::
+
+        \mathcal L[q](x) = \mathbb E_{q(z \mid x)}[\log p(x, z) - \log q(z \mid x)]
+        \approx \frac1K \sum_{k=1}^K w_k .
+
     Same arguments as :func:`log_likelihood`; returns a :class:`LogLikelihood` of ELBOs.
     """
-    num_samples, max_rows = _check(num_samples, max_rows, vae)
-    with _seeded(seed), _evaluating(vae):
-        parts = [
-            w.mean(0)
-            for _, w in _chunked_log_weights(vae, data, num_samples, max_rows, progress, "ELBO")
-        ]
-    return _summarize(torch.cat(parts), num_samples)
-
-
-class _seeded:
-    """Fork the torch RNG and seed it, if a seed is given."""
-
-    def __init__(self, seed: int | None) -> None:
-        self.seed = check_seed(seed)
-        self._fork: Any = None
-
-    def __enter__(self) -> None:
-        if self.seed is not None:
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            self._fork = torch.random.fork_rng(devices=devices)
-            self._fork.__enter__()
-            torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._fork is not None:
-            self._fork.__exit__(*exc)
-
-
-class _evaluating:
-    """Put the model in eval mode and turn off distribution validation, then restore both."""
-
-    def __init__(self, vae: Any) -> None:
-        self.vae = vae
-
-    def __enter__(self) -> None:
-        self._was_training = self.vae.training
-        self.vae.eval()
-        self._validation = pyro.validation_enabled(False)
-        self._validation.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        self._validation.__exit__(*exc)
-        self.vae.train(self._was_training)
+    program = Program.resolve(vae, "vae")
+    num_samples = check_positive_int(num_samples, "num_samples")
+    max_bytes, max_rows = check_budget(max_bytes, max_rows)
+    local = check_local(local)
+    nonfinite = 0
+    parts = []
+    with evaluating(program.modules, seed):
+        for w in _weight_batches(
+            program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
+            progress=progress, desc="ELBO", local=local,
+        ):
+            parts.append(w.mean(0))
+            nonfinite += int((~torch.isfinite(w)).any(0).sum())
+    return _estimate(
+        LogLikelihood, torch.cat(parts), num_samples=num_samples, num_nonfinite_weights=nonfinite
+    )

@@ -35,7 +35,13 @@ class Likelihood(nn.Module):
     """Base class of likelihoods (optional: any module meeting the contract works).
 
     :param decoder: module mapping ``(..., latent_dim) -> (..., num_features)``.
+    :cvar data_bounds: ``(low, high)`` when every datapoint lies in that box (images in
+        [0, 1]), else ``None``. Declared, so that parts that must produce data-like inputs (the
+        VampPrior's pseudo-inputs) know where to put them without knowing which likelihood
+        this is.
     """
+
+    data_bounds: tuple[float, float] | None = None
 
     def __init__(self, decoder: nn.Module) -> None:
         super().__init__()
@@ -51,6 +57,8 @@ class Bernoulli(Likelihood):
     The decoder gives the logits. Data must be binary: binarize grey images first (statically or
     dynamically, see :mod:`pyrovae.data`).
     """
+
+    data_bounds = (0.0, 1.0)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         return dist.Bernoulli(logits=self.decoder(z)).to_event(1)
@@ -160,6 +168,8 @@ class ContinuousBernoulli(Likelihood):
     non-binary pixels is not. The decoder gives the logits.
     """
 
+    data_bounds = (0.0, 1.0)
+
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         return dist.ContinuousBernoulli(logits=self.decoder(z)).to_event(1)
 
@@ -251,6 +261,8 @@ class Categorical256(Likelihood):
     :param decoder: module mapping ``(..., latent_dim) -> (..., num_levels * num_features)``.
     :param num_levels: the number of intensity levels (256 for 8-bit images).
     """
+
+    data_bounds = (0.0, 1.0)
 
     def __init__(self, decoder: nn.Module, num_levels: int = 256) -> None:
         super().__init__(decoder)

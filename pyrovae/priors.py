@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
@@ -19,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from .splines import SplineAutoregressive
 from .errors import ConfigError
 
 __all__ = [
@@ -36,7 +38,15 @@ class Prior(nn.Module):
     """Base class of priors (optional: any module that meets the contract works).
 
     :param latent_dim: the size of ``z``.
+    :cvar requires: the capabilities the prior needs from the variational family (see
+        :data:`pyrovae.families.CAPABILITIES`); :class:`~pyrovae.VAE` refuses a family that does
+        not declare them all, before any training.
+    :cvar uses_family: ``True`` when the prior is built on the family (the VampPrior): the
+        :class:`~pyrovae.VAE` then hands it over with ``prior.attach(family)``.
     """
+
+    requires: frozenset[str] = frozenset()
+    uses_family: bool = False
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -202,11 +212,19 @@ class VampPrior(Prior):
     :math:`u_k \in (a, b)^D` are ``num_pseudo_inputs`` learnable pseudo-inputs (``bounds=(a, b)``,
     ``(0, 1)`` for images; ``bounds=None`` leaves them unconstrained, :math:`u_k = \rho_k`).
 
-    The family is given either here or by :class:`~pyrovae.VAE`, which calls
-    :meth:`attach` with its family. The prior does not own the family's parameters (they stay
-    the VAE's ``family``), so nothing is counted twice in ``state_dict``. Any amortized family
-    whose ``log_prob`` works at arbitrary points can be used (diagonal, full-rank, IAF, spline,
-    Householder; planar and radial flows have no inverse and are rejected).
+    What it needs from the family is declared in :attr:`requires`: an encoder (``amortized``)
+    and a density at any point (``log_prob_anywhere``: diagonal, full-rank, IAF, spline,
+    Householder; not planar or radial flows, nor per-datapoint families).
+    :class:`~pyrovae.VAE` checks it and then calls :meth:`attach` with its family (declared by
+    :attr:`uses_family`). The prior does not own the family's parameters (they stay the VAE's
+    ``family``), so nothing is counted twice in ``state_dict``.
+
+    Memory is bounded in bytes. A diagonal Gaussian family's mixture costs two matrix products
+    (:class:`DiagonalNormalMixture`). Any other family evaluates :math:`q(z_i \mid u_k)` for
+    every pair of a row :math:`z_i` and a pseudo-input -- for a flow that means inverting it
+    ``rows x K`` times -- so the rows go in chunks of at most ``max_bytes`` of saved
+    activations (measured once per dtype and device on one row), and while training each chunk
+    is recomputed in the backward pass (``torch.utils.checkpoint``) instead of being kept.
 
     :param num_pseudo_inputs: :math:`K`.
     :param num_features: :math:`D`, the data size.
@@ -214,7 +232,11 @@ class VampPrior(Prior):
     :param init: optional initial pseudo-inputs, shape ``(K, D)`` (e.g. random training data);
         default: :math:`u_k` near the middle of the bounds plus small noise.
     :param bounds: the open interval the pseudo-inputs live in, or ``None``.
+    :param max_bytes: the activation budget of one chunk of the mixture's log-density.
     """
+
+    requires: frozenset[str] = frozenset({"amortized", "log_prob_anywhere"})
+    uses_family: bool = True
 
     def __init__(
         self,
@@ -224,10 +246,12 @@ class VampPrior(Prior):
         family: nn.Module | None = None,
         init: torch.Tensor | None = None,
         bounds: tuple[float, float] | None = (0.0, 1.0),
+        max_bytes: int = 256 * 2**20,
     ) -> None:
         nn.Module.__init__(self)
         self.num_pseudo_inputs = check_positive_int(num_pseudo_inputs, "num_pseudo_inputs")
         self.num_features = check_positive_int(num_features, "num_features")
+        self.max_bytes = check_positive_int(max_bytes, "max_bytes")
         if bounds is not None:
             lo, hi = (float(b) for b in bounds)
             if not lo < hi:
@@ -252,6 +276,7 @@ class VampPrior(Prior):
                 raw = torch.logit(((init - lo) / (hi - lo)).clamp(0.01, 0.99))
         self.raw_pseudo_inputs = nn.Parameter(raw)
         self._family: tuple[nn.Module, ...] = ()
+        self._row_bytes: dict[tuple[Any, ...], tuple[int, int]] = {}
         if family is not None:
             self.attach(family)
 
@@ -271,37 +296,124 @@ class VampPrior(Prior):
     def attach(self, family: nn.Module) -> None:
         """Use ``family`` as :math:`q` (called by :class:`~pyrovae.VAE` with its family).
 
-        Raises :class:`~pyrovae.errors.ConfigError` if the family is not amortized or cannot
-        evaluate its density at arbitrary points.
+        Raises :class:`~pyrovae.errors.ConfigError` naming the missing capability if the family
+        does not declare everything in :attr:`requires`.
         """
-        if not isinstance(family, nn.Module) or not getattr(family, "amortized", True):
-            raise ConfigError(
-                f"the VampPrior needs an amortized family (an encoder to evaluate q(z|u)), got "
-                f"{type(family).__name__}; use e.g. DiagonalNormal"
-            )
+        from .families import check_requirements
+
+        check_requirements(self, family)
         # Kept out of the module tree: the family's parameters belong to the VAE.
         self._family = (family,)
-        try:
-            with torch.no_grad():
-                p = self()
-                p.log_prob(p.sample((2,)).clone())
-        except (NotImplementedError, KeyError) as exc:
-            self._family = ()
-            raise ConfigError(
-                f"the VampPrior needs log q(z|u) at arbitrary z, which {type(family).__name__} "
-                f"cannot give ({type(exc).__name__}); use a family with an inverse "
-                "(diagonal, full-rank, IAF, spline, Householder)"
-            ) from None
+        self._row_bytes.clear()
 
     def forward(self) -> dist.Distribution:
         if not self._family:
             raise ConfigError(
                 "this VampPrior has no family yet; pass family=... or build a VAE with it"
             )
-        components = self._family[0](self.pseudo_inputs, None)
-        u = self.raw_pseudo_inputs
-        logits = torch.zeros(self.num_pseudo_inputs, device=u.device, dtype=u.dtype)
-        return _diagonal_mixture(logits, components)
+        family = self._family[0]
+        u = self.pseudo_inputs
+        logits = u.new_zeros(self.num_pseudo_inputs)
+        if not hasattr(family, "distribution_from_params"):  # a module meeting the contract only
+            return dist.MixtureSameFamily(dist.Categorical(logits=logits), family(u, None))
+        params = family.local_params(u, None)
+        components = family.distribution_from_params(params)
+        fast = _diagonal_mixture(logits, components)
+        if isinstance(fast, DiagonalNormalMixture):
+            return fast
+        return _PairwiseMixture(family, params, self.max_bytes, self._row_bytes)
+
+
+class _PairwiseMixture(dist.TorchDistribution):
+    r"""An equal-weight mixture :math:`\frac1K \sum_k q(z \mid \theta_k)` of a family's
+    distributions at per-component parameters :math:`\theta_k`, whose ``log_prob`` goes over
+    the rows of ``z`` in chunks of bounded bytes, each recomputed in the backward pass."""
+
+    arg_constraints: dict[str, Any] = {}
+    has_rsample = False
+
+    def __init__(
+        self, family: nn.Module, params: dict[str, torch.Tensor], max_bytes: int,
+        row_bytes: dict[tuple[Any, ...], tuple[int, int]],
+    ) -> None:
+        self.family = family
+        self.params = params
+        self.max_bytes = max_bytes
+        self._row_bytes = row_bytes
+        self.num_components = next(iter(params.values())).shape[0]
+        super().__init__(torch.Size(), torch.Size((family.latent_dim,)), validate_args=False)
+
+    @property
+    def support(self) -> Any:
+        return dist.constraints.real_vector
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        return dist.ExpandedDistribution(self, batch_shape)
+
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+        n = int(torch.Size(sample_shape).numel())
+        k = torch.randint(self.num_components, (n,), device=next(iter(self.params.values())).device)
+        with torch.no_grad():
+            q = self.family.distribution_from_params({key: v[k] for key, v in self.params.items()})
+            z = q.sample()
+        return z.reshape(torch.Size(sample_shape) + self.event_shape)
+
+    def _pairwise_params(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self.params.values())
+
+    def _chunk(self, z: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        """``log p(z)`` of rows ``z`` ``(r, D)``: ``logsumexp_k log q(z | theta_k) - log K``."""
+        q = self.family.distribution_from_params(dict(zip(self.params, values)))
+        return torch.logsumexp(q.log_prob(z.unsqueeze(-2)), -1) - math.log(self.num_components)
+
+    def _saved_bytes(self, z: torch.Tensor) -> int:
+        """Bytes of tensors the log-density of rows ``z`` keeps for the backward pass."""
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()  # views and expansions share their base's memory
+            saved[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self._chunk(z, *self._pairwise_params())
+        return sum(saved.values())
+
+    def _cost(self, z: torch.Tensor) -> tuple[int, int]:
+        """``(fixed, per_row)`` bytes of one chunk's saved activations, measured once per dtype,
+        device and grad mode on chunks of one and two rows."""
+        key = (z.dtype, z.device, torch.is_grad_enabled())
+        if key not in self._row_bytes:
+            pair = z[:2] if z.shape[0] >= 2 else z[:1].repeat(2, 1)
+            one, two = self._saved_bytes(pair[:1].clone()), self._saved_bytes(pair.clone())
+            # Without a graph nothing is saved: count the pairwise tensors of one pass instead.
+            floor = 16 * self.num_components * z.shape[-1] * z.element_size()
+            per_row = max(two - one, floor)
+            self._row_bytes[key] = (max(one - per_row, 0), per_row)
+        return self._row_bytes[key]
+
+    def rows_per_chunk(self, z: torch.Tensor) -> int:
+        """How many rows of ``z`` ``(rows, D)`` one chunk takes within ``max_bytes``."""
+        fixed, per_row = self._cost(z)
+        return max(1, (self.max_bytes - fixed) // per_row)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        batch = value.shape[:-1]
+        z = value.reshape(-1, value.shape[-1])
+        rows = self.rows_per_chunk(z)
+        values = self._pairwise_params()
+        if z.shape[0] <= rows:
+            out = self._chunk(z, *values)
+        elif torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            out = torch.cat([
+                checkpoint(self._chunk, c, *values, use_reentrant=False, preserve_rng_state=False)
+                for c in z.split(rows)
+            ])
+        else:
+            out = torch.cat([self._chunk(c, *values) for c in z.split(rows)])
+        return out.reshape(batch)
 
 
 class FlowPrior(Prior):
@@ -384,7 +496,7 @@ def flow_prior(
                 permutation=order,
             )
             steps.append(
-                T.SplineAutoregressive(latent_dim, arn, count_bins=count_bins, order="quadratic")
+                SplineAutoregressive(latent_dim, arn, count_bins=count_bins)
             )
         else:
             raise ConfigError(

@@ -14,6 +14,7 @@ from torch import nn
 
 from ._checks import check_finite, check_positive_int
 from .errors import ConfigError, DataError
+from .families import check_requirements
 
 __all__ = ["VAE"]
 
@@ -60,8 +61,10 @@ class VAE(PyroModule):
         self.prior = prior
         self.family = family
         self.likelihood = likelihood
-        # A prior that depends on the family (e.g. the VampPrior) gets it through this hook.
-        if callable(getattr(prior, "attach", None)):
+        # What the prior needs from the family is declared (``prior.requires``); a prior built
+        # on the family (``prior.uses_family``, e.g. the VampPrior) is handed it.
+        check_requirements(prior, family)
+        if getattr(prior, "uses_family", False):
             prior.attach(family)
         self.num_data = check_positive_int(num_data, "num_data")
         latent_dims = {
@@ -146,10 +149,12 @@ class VAE(PyroModule):
         return _mean_or_sample(self.likelihood(z), mean)
 
     @torch.no_grad()
-    def check_data(self, x: torch.Tensor, what: str = "data") -> None:
+    def check_data(self, x: torch.Tensor, what: str = "data", *, support: bool = True) -> None:
         """Check that a batch fits this model: 2-D, finite, the decoder's size, in the support.
 
-        Raises :class:`~pyrovae.errors.DataError` naming the problem and the fix.
+        Raises :class:`~pyrovae.errors.DataError` naming the problem and the fix. With
+        ``support=False`` the support is left to the caller (who counts it over a whole data set
+        with :meth:`count_outside_support`).
         """
         if not isinstance(x, torch.Tensor):
             raise DataError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
@@ -173,31 +178,43 @@ class VAE(PyroModule):
                 f"{what} is on {x.device} but the model is on {device}; move one with .to()"
             )
         check_finite(x, what)
-        z = self.prior().sample((1,))
-        px = self.likelihood(z)
-        event_shape = tuple(px.event_shape)
+        event_shape = tuple(self._probe_likelihood().event_shape)
         if tuple(x.shape[1:]) != event_shape:
             raise DataError(
                 f"{what} has {tuple(x.shape[1:])} features per datapoint but the decoder produces "
                 f"{event_shape}; build the decoder with out_dim={x.shape[1]}"
             )
-        support = px.support
-        ok = support.check(x.to(z.dtype))
+        if support:
+            bad = self.count_outside_support(x)
+            if bad:
+                raise self.support_error(bad, what)
+
+    def _probe_likelihood(self) -> Any:
+        return self.likelihood(self.prior().sample((1,)))
+
+    @torch.no_grad()
+    def count_outside_support(self, x: torch.Tensor) -> int:
+        """How many rows of ``x`` ``(batch, D)`` lie outside the likelihood's support."""
+        px = self._probe_likelihood()
+        ok = px.support.check(x.to(self._device_dtype()[1]))
         # An event constraint (e.g. independent) already reduces over the event dims.
         while ok.dim() > 1:
             ok = ok.all(-1)
-        if not bool(ok.all()):
-            bad = int((~ok).sum())
-            hint = (
-                "binarize it first (e.g. binarize='dynamic' in pyrovae.data, or torch.bernoulli(x))"
-                if isinstance(support, type(dist.constraints.independent(dist.constraints.boolean, 1)))
-                and getattr(support, "base_constraint", None) is dist.constraints.boolean
-                else "rescale it or choose a likelihood whose support contains it"
-            )
-            raise DataError(
-                f"{bad} datapoint(s) of {what} lie outside the support of the likelihood "
-                f"{type(self.likelihood).__name__} ({support}); {hint}"
-            )
+        return int((~ok).sum())
+
+    def support_error(self, bad: int, what: str = "data") -> DataError:
+        """The error for ``bad`` datapoints of ``what`` outside the likelihood's support."""
+        support = self._probe_likelihood().support
+        binary = getattr(support, "base_constraint", None) is dist.constraints.boolean
+        hint = (
+            "binarize it first (e.g. binarize='dynamic' in pyrovae.data, or torch.bernoulli(x))"
+            if binary
+            else "rescale it or choose a likelihood whose support contains it"
+        )
+        return DataError(
+            f"{bad} datapoint(s) of {what} lie outside the support of the likelihood "
+            f"{type(self.likelihood).__name__} ({support}); {hint}"
+        )
 
     def extra_repr(self) -> str:
         return f"num_data={self.num_data}, latent_dim={self.latent_dim}"

@@ -61,7 +61,6 @@ def test_gaps_command_matches_the_library(runs, tmp_path, capsys):
         got["approximation_gap"]["mean"] + got["amortization_gap"]["mean"],
         got["log_px"]["mean"] - got["elbo_amortized"]["mean"], rel_tol=1e-5,  # float32 sums
     )
-    assert got["amortization_gap"]["mean"] >= 0
     diag = diagnose(vae, test, seed=3).to_dict()
     written = report["runs"]["diagonal"]["diagnostics"]
     assert written["active_units"] == diag["active_units"]

@@ -235,15 +235,16 @@ def test_dynamic_binarization_redraws_on_every_access(sample_grey: ImageData) ->
 
 
 def test_binarized_is_one_fixed_draw(sample_grey: ImageData) -> None:
-    dyn = ImageData(sample_grey.images[:100], (28, 28), dynamic_binarization=True, name="s")
+    labels = torch.arange(100) % 10
+    dyn = ImageData(sample_grey.images[:100], (28, 28), dynamic_binarization=True, name="s",
+                    labels=labels)
     s1 = dyn.binarized(generator=torch.Generator().manual_seed(0))
     s2 = dyn.binarized(generator=torch.Generator().manual_seed(0))
     assert not s1.dynamic_binarization and s1.is_binary and s1.name == "s"
     assert torch.equal(s1.images, s2.images)
     assert torch.equal(s1[[0, 1]][0], s1[[0, 1]][0])  # static: the same on every access
     assert set(s1.images.unique().tolist()) == {0.0, 1.0}
-    assert torch.equal(s1.labels if s1.labels is not None else torch.tensor(0),
-                       dyn.labels if dyn.labels is not None else torch.tensor(0))
+    assert s1.labels is not None and torch.equal(s1.labels, labels)  # the labels come along
 
 
 # -------------------------------------------------------------------------- indexing protocol

@@ -204,3 +204,17 @@ def test_diagnose_and_bad_input(float64):
     flow_vae = _vae(Flow(base, planar(L, 8)))
     with pytest.raises(ConfigError, match="planar"):
         mutual_information(flow_vae, x)
+
+
+def test_diagnostics_refuse_a_plain_pair_and_restore_the_rng(float64):
+    """The latent-space diagnostics read a VAE's family and prior: a (model, guide) pair is
+    refused in one line; a seeded call leaves the global RNG and the training mode as they were."""
+    vae = VAE(StandardNormal(L), _family(), Gaussian(nn.Linear(L, D), 0.5), num_data=10)
+    x = torch.randn(8, D)
+    for fn in (active_units, kl_per_dimension, mutual_information):
+        with pytest.raises(ConfigError, match="need a pyrovae.VAE"):
+            fn((vae.model, vae.guide), x)
+    state = torch.get_rng_state()
+    a = kl_per_dimension(vae, x, seed=1)
+    assert torch.equal(torch.get_rng_state(), state) and vae.training
+    assert a.total == kl_per_dimension(vae, x, seed=1).total

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyrovae import VAE, Gaussian, StandardNormal
-from pyrovae.errors import ConfigError, DataError
+from pyrovae.errors import ConfigError, DataError, ImportanceSamplingWarning
 from pyrovae.families import DiagonalNormal
 from pyrovae.gaps import GapResult, gaps, plot_gaps
 
@@ -116,7 +116,9 @@ def _kl_to_posterior(c, x, loc: torch.Tensor, cov: torch.Tensor) -> torch.Tensor
     return torch.distributions.kl_divergence(q, post)
 
 
-FAST = dict(num_samples=4000, num_elbo_samples=5000, batch_size=20, seed=1)
+# log p(x) by IS alone: these tests check L[q*] and L[q] against closed forms with tolerances
+# sized for IS with K = 4000 (the choice between IS and AIS is tested on its own below).
+FAST = dict(num_samples=4000, num_elbo_samples=5000, batch_size=20, seed=1, log_px="is")
 
 
 def test_diagonal_family_gaps_match_closed_form(float64):
@@ -189,16 +191,19 @@ def test_result_dict_and_plot(float64, tmp_path):
     x = _data(c, 6)
     vae = VAE(StandardNormal(L), _diagonal_family(c, 0.8, 0.1), _decoder(c), num_data=100)
     result = gaps(vae, x, num_samples=100, num_elbo_samples=50, num_steps=100, seed=0)
-    assert isinstance(result, GapResult)
+    assert (result.settings["num_samples"], result.settings["num_elbo_samples"]) == (100, 50)
     assert result.log_px.shape == result.elbo_optimal.shape == (6,)
     d = result.to_dict(per_datapoint=True)
-    json.dumps(d)
+    assert json.loads(json.dumps(d)) == d  # JSON-ready: a round trip changes nothing
+    assert d["per_datapoint"]["elbo_optimal"] == result.elbo_optimal.tolist()
     assert d["num_datapoints"] == 6
     assert d["approximation_gap"]["mean"] == pytest.approx(
         float(result.approximation_gap.mean())
     )
     assert len(d["per_datapoint"]["log_px"]) == 6
-    assert int(result.num_steps.max()) <= 100
+    # 100 steps hold 2 checks (check_every=50), fewer than the max_decays + 1 = 5 halvings that
+    # stop early: every datapoint gets all 100 steps
+    assert result.num_steps.tolist() == [100] * 6 and d["mean_num_steps"] == 100.0
     fig = plot_gaps([result, result], tmp_path / "gaps.png", labels=["a", "b"])
     assert (tmp_path / "gaps.png").stat().st_size > 0
     assert len(fig.axes) == 2
@@ -238,3 +243,142 @@ def test_gaps_errors(float64):
         gaps(vae, torch.zeros(0, D))
     with pytest.raises(DataError):
         gaps(vae, torch.zeros(2, D + 1), num_samples=2, num_elbo_samples=2, num_steps=2)
+
+
+# ---------------------------------------------------------------------- the best log p(x)
+def test_untrained_encoder_gap_uses_the_best_log_px(float64, one_thread):
+    """An untrained encoder is a poor IS proposal: IS alone under-estimates log p(x) and so the
+    approximation gap. gaps takes the larger of IS and AIS, says which, and recovers the
+    closed-form gap of the best diagonal Gaussian, 1/2 (sum_i log Lambda_ii - log det Lambda)."""
+    from linear_gaussian import LinearGaussian
+
+    from pyrovae import MLP
+
+    lg = LinearGaussian(latent_dim=3, num_features=5, scale=0.7)
+    x = lg.sample_x(20)
+    torch.manual_seed(0)
+    vae = lg.vae(DiagonalNormal(MLP(5, (8,), 8), 3).double())
+    options = dict(num_samples=1000, num_elbo_samples=2000, batch_size=20, seed=1)
+    ais_options = dict(num_intermediate=200, num_chains=16, leapfrog_steps=5)
+    result = gaps(vae, x, ais_options=ais_options, **options)
+    gap = lg.diagonal_gap()
+    assert result.log_px_estimator == "ais"
+    assert result.log_px_candidates["ais"] > result.log_px_candidates["is"]
+    assert not result.failed and result.estimator_failure is None
+    assert abs(float(result.approximation_gap.mean()) - gap) < 0.05 + 0.15 * gap, (
+        float(result.approximation_gap.mean()), gap)
+    # AIS with T = 200 falls short by about 0.04 nats here (a lower bound; IS by 0.1)
+    assert abs(float((result.log_px - lg.log_px(x)).mean())) < 0.06
+    assert result.mean == pytest.approx(float(result.approximation_gap.mean()))  # an Estimate
+    d = result.to_dict()
+    assert d["log_px_estimator"] == "ais" and d["estimator_failure"] is None
+    assert "(ais)" in str(result)
+    # IS alone is what the result would have been: visibly short of the truth
+    only_is = gaps(vae, x, log_px="is", **options)
+    assert only_is.log_px_estimator == "is" and "ais" not in only_is.log_px_candidates
+    assert float(only_is.approximation_gap.mean()) < gap - 0.05
+
+
+def test_a_negative_approximation_gap_is_an_estimator_failure(float64):
+    """log p(x) >= L[q*] always: an approximation gap below zero by more than its standard
+    error is reported as a failure of the log p(x) estimator, never printed as gaps."""
+    n = 10
+    log_px = torch.linspace(-5.0, -4.0, n)
+    elbo_optimal = log_px + 0.3 + 0.01 * torch.randn(n)  # L[q*] above log p(x): impossible
+    result = GapResult.build(log_px, elbo_optimal, elbo_optimal - 1.0,
+                             torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.long))
+    assert result.failed and "estimator failure" in result.estimator_failure
+    assert "under-estimated" in str(result) and "approximation gap -" not in str(result)
+    assert result.to_dict()["estimator_failure"] == result.estimator_failure
+    # within its standard error of zero (an exact q): not a failure
+    ok = GapResult.build(log_px, log_px + 1e-9 * torch.randn(n), log_px - 1.0,
+                         torch.full((n,), float("nan")), torch.zeros(n, dtype=torch.long))
+    assert not ok.failed
+
+
+# ---------------------------------------------------------------------- per-datapoint families
+def _local_vae(c, num_data: int = 5):
+    from pyrovae.families import LocalNormal
+
+    return VAE(StandardNormal(L), LocalNormal(num_data, L), _decoder(c), num_data=num_data)
+
+
+def test_local_family_is_refused_on_data_it_holds_no_parameters_for(float64):
+    """LocalNormal keeps parameters for its training datapoints only; scoring other data with
+    them (looking up rows by position) is refused in one line naming the fixes."""
+    from pyrovae import elbo, iwae_bounds, log_likelihood
+    from pyrovae.ais import ais
+
+    c = _model_constants()
+    vae = _local_vae(c)
+    x = _data(c, 4)
+    for fn in (log_likelihood, elbo, iwae_bounds, gaps, ais):
+        with pytest.raises(ConfigError, match="amortized = False.*local='fit'"):
+            fn(vae, x)
+    with pytest.raises(ConfigError, match="local must be"):
+        log_likelihood(vae, x, local="yes")
+
+
+def test_local_family_fits_each_datapoints_own_parameters(float64, one_thread):
+    """local='fit': each scored datapoint gets its own parameters, fitted with the decoder
+    fixed from a start shared by all datapoints; IS with them recovers the exact log p(x) and
+    the stored tables (here deliberately wrong) are never used."""
+    from pyrovae import elbo, log_likelihood
+
+    c = _model_constants()
+    vae = _local_vae(c, num_data=3)
+    with torch.no_grad():  # the tables hold nonsense: a lookup would be far off
+        vae.family.loc.fill_(5.0)
+    x = _data(c, 6)  # more datapoints than the family holds
+    exact = _exact_log_px(c, x)
+    with pytest.warns(ImportanceSamplingWarning):
+        ll = log_likelihood(vae, x, 2000, local="fit", seed=0)
+    # (a diagonal q* is much narrower than this correlated posterior: k-hat 0.6-0.9 and errors
+    # of up to 0.25 nats per datapoint at K = 2000; a lookup of the tables is off by > 1 nat)
+    assert abs(float((ll.values - exact).mean())) < 0.1, (ll.values - exact)
+    assert float((ll.values - exact).abs().max()) < 0.35, (ll.values - exact)
+    e = elbo(vae, x, 2000, local="fit", seed=0)
+    # the fitted q* is the best diagonal Gaussian: its ELBO sits the closed-form gap below
+    assert abs(float((exact - e.values).mean()) - float(c["diag_gap"])) < 0.1
+    # lookup is the user's word that these are the family's own datapoints: rows idx are used
+    looked = log_likelihood(vae, x[:3], 200, local="lookup", seed=0, diagnostics=False)
+    assert float((looked.values - exact[:3]).mean()) < -1.0
+
+
+def test_gaps_of_a_plain_pair_optimize_the_guide_distributions(float64):
+    """A (model, guide) pair has no family: q* optimizes the parameters of each guide site's
+    distribution (here Normal(loc, scale) per datapoint) with the model fixed, and finds the
+    closed-form approximation gap; a guide site without parameters (a flow) is refused."""
+    import pyro
+
+    c = _model_constants()
+    x = _data(c)
+    W, b = c["W"], c["b"]
+    A = c["A"]
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("latent", dist.Normal(x.new_zeros(len(x), L), 1.0).to_event(1))
+            pyro.sample("obs", dist.Normal(z @ W.T + b, S).to_event(1), obs=x)
+
+    def guide(x):  # the right direction, the wrong width (as the diagonal test above)
+        with pyro.plate("data", x.shape[0]):
+            loc = (x - b) @ A.T + 0.1
+            pyro.sample("latent", dist.Normal(loc, 0.5 * torch.ones_like(loc)).to_event(1))
+
+    result = gaps((model, guide), x, **FAST)
+    exact = _exact_log_px(c, x)
+    gap = float(c["diag_gap"])
+    assert abs(float((result.elbo_optimal - (exact - gap)).mean())) < 0.03
+    assert abs(result.summary()["approximation_gap"][0] - gap) < 0.04
+    assert result.summary()["amortization_gap"][0] > 0.1
+
+    def flow_guide(x):
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(x.new_zeros(len(x), L), 1.0).to_event(1)
+            pyro.sample("latent", dist.TransformedDistribution(
+                base, [dist.transforms.AffineTransform(0.0, 2.0)]))
+
+    with pytest.raises(ConfigError, match="TransformedDistribution"):
+        gaps((model, flow_guide), x[:3], num_samples=10, num_elbo_samples=10, num_steps=2,
+             log_px="is")

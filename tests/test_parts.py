@@ -52,13 +52,19 @@ from pyrovae import (
 )
 from pyrovae.build import FAMILIES, LIKELIHOODS, OPTIONS, PRIORS, VAEConfig, build_vae
 from pyrovae.families import FLOW_TRANSFORMS
+from pyrovae.losses import IWAE
 
 NUM_POINTS = 16
 LATENT_DIM = 2
 OPTIONS_SMALL = {"num_pseudo_inputs": 3, "num_components": 3, "num_transforms": 2}
-#: combinations that cannot work and must say so: the VampPrior evaluates q(z|u) at arbitrary z,
-#: which needs an encoder (not "local") and an invertible flow (not planar or radial).
+#: The combinations that cannot work, and must be refused before training with the reason: the
+#: VampPrior evaluates q(z|u) at its pseudo-inputs and at arbitrary z, which needs an encoder
+#: (not "local") and a flow with an inverse (not planar or radial). Every other one must train.
 INVALID = {("vamp", "planar"), ("vamp", "radial"), ("vamp", "local")}
+#: The matrix runs on the digits average-pooled to 8 x 8 (64 features: the same combinations at a
+#: twelfth of the cost of 784 pixels, which lets every combination run for three seeds).
+SMALL_SHAPE = (8, 8)
+SEEDS = (0, 1, 2)
 
 
 # ---------------------------------------------------------------------- data
@@ -86,7 +92,14 @@ def _grey_digits() -> torch.Tensor:
 def digits() -> dict[str, torch.Tensor]:
     grey = _grey_digits()
     g = torch.Generator().manual_seed(1)
-    return {"grey": grey, "binary": torch.bernoulli(grey, generator=g)}
+    small = torch.nn.functional.adaptive_avg_pool2d(grey.reshape(-1, 1, 28, 28), SMALL_SHAPE)
+    small = (small.reshape(len(grey), -1) * 255).round() / 255  # 8-bit levels again
+    return {
+        "grey": grey,
+        "binary": torch.bernoulli(grey, generator=g),
+        "small_grey": small,
+        "small_binary": torch.bernoulli(small, generator=g),
+    }
 
 
 def _data_for(likelihood: str, digits: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,32 +159,64 @@ VALID = [
 ]
 
 
+def _small_config(prior: str, family: str, likelihood: str) -> VAEConfig:
+    return VAEConfig(
+        num_features=SMALL_SHAPE[0] * SMALL_SHAPE[1], latent_dim=LATENT_DIM, hidden_dims=(8,),
+        prior=prior, family=family, likelihood=likelihood, image_shape=SMALL_SHAPE,
+        options=dict(OPTIONS_SMALL),
+    )
+
+
 # ---------------------------------------------------------------------- the matrix
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("prior,family,likelihood", VALID, ids=["-".join(c) for c in VALID])
-def test_every_combination_trains(prior, family, likelihood, digits):
-    """Trace_ELBO steps lower the loss, gradients reach every parameter, IWAE steps (RenyiELBO,
-    alpha=0, vectorized particles) are finite, and log p(x) / sampling work."""
-    x = _data_for(likelihood, digits)
-    vae = build_vae(_config(prior, family, likelihood), num_data=len(x))
+def test_every_combination_trains(prior, family, likelihood, seed, digits):
+    """For three seeds: Trace_ELBO steps lower the loss, gradients reach every parameter, IWAE
+    steps (pyrovae.losses.IWAE) are finite, and log p(x) / sampling work."""
+    x = digits["small_binary" if likelihood == "bernoulli" else "small_grey"]
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    vae = build_vae(_small_config(prior, family, likelihood), num_data=len(x))
     _assert_gradients_everywhere(vae, x)
     losses = _train(vae, x, Trace_ELBO(), 12)
     assert all(math.isfinite(v) for v in losses)
     assert _decreased(losses), losses
-    iwae = _train(vae, x, RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True), 2)
+    iwae = _train(vae, x, IWAE(num_particles=3), 2)
     assert all(math.isfinite(v) for v in iwae)
     ll = log_likelihood(vae, x[:4], num_samples=6, seed=0)
     assert ll.values.shape == (4,) and bool(torch.isfinite(ll.values).all())
-    # log p(x) >= ELBO in expectation; with the same draws, L_K >= mean of the weights.
-    el = elbo(vae, x[:4], num_samples=6, seed=0)
-    assert bool((ll.values >= el.values - 1e-4).all())
     samples = vae.sample(3)
-    assert samples.shape == (3, 784) and bool(torch.isfinite(samples).all())
+    assert samples.shape == (3, x.shape[1]) and bool(torch.isfinite(samples).all())
 
 
-@pytest.mark.parametrize("prior,family", sorted(INVALID))
-def test_invalid_combinations_say_why(prior, family):
-    with pytest.raises(ConfigError, match="VampPrior"):
-        build_vae(_config(prior, family, "bernoulli"), num_data=NUM_POINTS)
+@pytest.mark.parametrize("prior,family", sorted(itertools.product(PRIORS, FAMILIES)))
+def test_refused_combinations_are_exactly_the_impossible_ones(prior, family):
+    """Each combination in INVALID is refused when the VAE is built (before any training), in
+    one line naming the missing capability and families that have it; every other builds."""
+    cfg = _small_config(prior, family, "bernoulli")
+    if (prior, family) in INVALID:
+        with pytest.raises(ConfigError) as info:
+            build_vae(cfg, num_data=NUM_POINTS)
+        message = str(info.value)
+        assert "\n" not in message and "needs a variational family that" in message
+        assert "DiagonalNormal" in message and "--family diagonal" in message
+    else:
+        build_vae(cfg, num_data=NUM_POINTS)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_vampprior_with_a_spline_family_trains_200_steps(seed, digits):
+    """The combination that stopped training with an AssertionError inside Pyro's spline
+    inverse (q(z|u_k) inverts the flow at points it did not produce): 200 steps at lr 0.03."""
+    x = digits["small_binary"]
+    torch.manual_seed(seed)
+    pyro.set_rng_seed(seed)
+    cfg = _small_config("vamp", "spline", "bernoulli")
+    cfg.options = {"num_pseudo_inputs": 10, "num_transforms": 2}
+    vae = build_vae(cfg, num_data=len(x))
+    losses = _train(vae, x, Trace_ELBO(), 200, lr=0.03)
+    assert all(math.isfinite(v) for v in losses)
+    assert _decreased(losses)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -398,7 +443,12 @@ def test_vampprior_gets_the_vae_family_through_attach():
     with pytest.raises(ConfigError, match="no family"):
         prior()
     vae = VAE(prior, family, Gaussian(MLP(2, (), 3), 1.0), num_data=10)
-    assert vae.prior.latent_dim == 2 and prior()._validate_args is not None
+    assert vae.prior.latent_dim == 2
+    # attached: the prior is the mixture of the VAE's own family at the 4 pseudo-inputs
+    z = torch.randn(5, 2)
+    q = family(prior.pseudo_inputs, None)
+    expected = torch.logsumexp(q.log_prob(z.unsqueeze(1)), -1) - math.log(4)
+    assert_close(prior().log_prob(z), expected, rtol=1e-5, atol=1e-5)
     assert len(list(vae.parameters())) == len({id(p) for p in vae.parameters()})
 
 
@@ -642,3 +692,41 @@ def test_full_rank_family_starts_diagonal():
     scale_tril = q(torch.randn(4, 6), None).scale_tril
     assert_close(scale_tril, torch.diag_embed(torch.diagonal(scale_tril, dim1=-2, dim2=-1)))
     assert bool((torch.diagonal(scale_tril, dim1=-2, dim2=-1) > 0).all())
+
+
+@pytest.mark.parametrize("family_name", ["iaf", "spline", "full_rank"])
+def test_vampprior_chunks_give_the_same_density_and_gradients(family_name, float64):
+    """The byte-bounded VampPrior (rows in chunks, each recomputed in the backward pass) gives
+    exactly the unchunked mixture's log-density and gradients, and each chunk keeps at most
+    ``max_bytes`` of activations for the backward pass."""
+    family = _family(family_name, latent_dim=2, num_features=3).double()
+    _perturb(family, 0.2)
+    prior = VampPrior(5, 3, family=family, bounds=None).double()
+    z = torch.randn(3, 7, 2, dtype=torch.float64)
+
+    def density_and_grads(max_bytes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        prior.max_bytes = max_bytes
+        prior._row_bytes.clear()
+        family.zero_grad()
+        prior.zero_grad()
+        value = prior().log_prob(z)
+        value.sum().backward()
+        grads = [p.grad.clone() for p in (*family.parameters(), prior.raw_pseudo_inputs)]
+        return value.detach(), grads
+
+    whole, whole_grads = density_and_grads(2**40)
+    q = family(prior.pseudo_inputs, None)
+    expected = torch.logsumexp(q.log_prob(z.unsqueeze(-2)), -1) - math.log(5)
+    assert_close(whole, expected, msg="the mixture of q(z|u_k)")
+    rows = z.reshape(-1, 2)
+    fixed, per_row = prior()._cost(rows)
+    budget = fixed + 3 * per_row
+    # a budget of about three rows: 21 rows go in several chunks, each recomputed in backward
+    chunked, chunked_grads = density_and_grads(budget)
+    chunk = prior().rows_per_chunk(rows)
+    assert 1 <= chunk < len(rows)
+    assert_close(chunked, whole, msg="chunked density")
+    for g, h in zip(chunked_grads, whole_grads):
+        assert_close(g, h, msg="chunked gradients")
+    # what one chunk keeps for the backward pass stays within the budget (storage accounting)
+    assert prior()._saved_bytes(rows[:chunk].clone()) <= 1.05 * budget
