@@ -93,7 +93,8 @@ def test_linear_gaussian_example_reaches_the_closed_forms(capsys, tmp_path, one_
     ks = sorted(diag["iwae"])
     assert ks[0] == 1 and ks[-1] >= 1000
     # L_1 is the ELBO; the IWAE bound rises with K toward log p(x) and stays below it.
-    assert_close(diag["iwae"][1], diag["elbo"], atol=0.1)
+    # (L_1 is one draw per datapoint: about 0.1 nats of Monte Carlo noise on 100 points)
+    assert_close(diag["iwae"][1], diag["elbo"], atol=0.3)
     lk = [diag["iwae"][k] for k in ks]
     assert all(a <= b + 1e-3 for a, b in zip(lk, lk[1:])), lk
     assert max(lk) < exact + 0.01

@@ -78,8 +78,12 @@ def test_khat_marks_the_unreliable_datapoints(tmp_path):
 def test_iwae_bounds_one_point_per_k_with_standard_errors(tmp_path):
     ks = (1, 10, 100)
     values = torch.tensor([[-5.0, -7.0], [-4.5, -6.5], [-4.2, -6.2]], dtype=torch.float64)
-    a = IWAEBounds(ks, values, values.mean(1), values.std(1) / math.sqrt(2))
-    b = IWAEBounds(ks, values + 0.1, values.mean(1) + 0.1, values.std(1) / math.sqrt(2))
+    def bounds(v: torch.Tensor) -> IWAEBounds:
+        means, stderrs = v.mean(1), v.std(1) / math.sqrt(2)
+        return IWAEBounds(v, float(means[-1]), float(stderrs[-1]), num_samples=ks, means=means,
+                          stderrs=stderrs)
+
+    a, b = bounds(values), bounds(values + 0.1)
     fig = plot_iwae_bounds([a, b], labels=["a", "b"], reference=-5.0, path=tmp_path / "iwae.png")
     ax = fig.axes[0]
     lines = [c.lines[0] for c in ax.containers]  # the data line of each errorbar
@@ -154,8 +158,8 @@ def _gap_result(n: int = 40, seed: int = 0) -> GapResult:
     log_px = -90 + 25 * torch.randn(n, generator=g, dtype=torch.float64)  # datapoints differ a lot
     approx = 1.0 + 0.3 * torch.rand(n, generator=g, dtype=torch.float64)
     amort = 2.0 + 0.5 * torch.rand(n, generator=g, dtype=torch.float64)
-    return GapResult(log_px, log_px - approx, log_px - approx - amort, torch.zeros(n),
-                     torch.zeros(n, dtype=torch.long))
+    return GapResult.build(log_px, log_px - approx, log_px - approx - amort, torch.zeros(n),
+                           torch.zeros(n, dtype=torch.long))
 
 
 def test_plot_gaps_bounds_carry_paired_standard_errors(tmp_path):
