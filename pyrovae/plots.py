@@ -1,5 +1,6 @@
 """Pictures of a trained VAE: samples, reconstructions, a 2-D latent manifold, interpolations,
-training curves.
+training curves, the latent codes coloured by label, PSIS k-hat per datapoint, IWAE bounds
+against K, and the KL of each latent dimension.
 
 Image grids come from :func:`torchvision.utils.make_grid`; charts are drawn on a
 :class:`matplotlib.figure.Figure` with the Agg canvas, so nothing here touches pyplot's global
@@ -9,6 +10,7 @@ writes a PNG when given ``path``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,10 @@ __all__ = [
     "latent_manifold",
     "interpolation_grid",
     "plot_history",
+    "plot_latent_scatter",
+    "plot_khat",
+    "plot_iwae_bounds",
+    "plot_kl_per_dimension",
 ]
 
 
@@ -114,6 +120,13 @@ def latent_manifold(
     return image_grid(vae.likelihood(z).mean, image_shape, nrow=steps, path=path)
 
 
+def _mean_or_draw(q: Any) -> torch.Tensor:
+    try:
+        return q.mean
+    except NotImplementedError:
+        return q.sample()
+
+
 @torch.no_grad()
 def interpolation_grid(
     vae: Any,
@@ -122,30 +135,45 @@ def interpolation_grid(
     image_shape: Sequence[int],
     *,
     steps: int = 10,
+    mean: bool = False,
     path: str | Path | None = None,
 ) -> torch.Tensor:
     """Decode straight lines in latent space between the encodings of paired inputs.
 
     :param x_start, x_end: ``(n, D)`` inputs; row ``i`` interpolates from ``x_start[i]`` to
-        ``x_end[i]`` through ``steps`` points (the encodings are one draw from ``q(z|x)``).
+        ``x_end[i]`` through ``steps`` points (the encodings are one draw from ``q(z|x)``, or
+        its mean with ``mean=True`` where the family's distribution has one).
     """
     check_positive_int(steps, "steps")
     idx = torch.arange(len(x_start), device=x_start.device)
-    z0 = vae.family(x_start, idx).sample()
-    z1 = vae.family(x_end, idx).sample()
+    q0, q1 = vae.family(x_start, idx), vae.family(x_end, idx)
+    z0, z1 = (_mean_or_draw(q0), _mean_or_draw(q1)) if mean else (q0.sample(), q1.sample())
     t = torch.linspace(0, 1, steps, dtype=z0.dtype, device=z0.device)[None, :, None]
     z = (1 - t) * z0[:, None] + t * z1[:, None]
     x = vae.likelihood(z.reshape(-1, z.shape[-1])).mean
     return image_grid(x, image_shape, nrow=steps, path=path)
 
 
-def plot_history(history: Any, *, path: str | Path | None = None, title: str = "") -> Any:
-    """The training curve: train objective and validation ELBO (nats per datapoint) per epoch."""
+def _figure(figsize: tuple[float, float] = (6, 4), dpi: int = 100) -> Any:
+    """A Figure on its own Agg canvas (pyplot's global state is never touched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _finish(fig: Any, path: str | Path | None) -> Any:
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(str(path))
+    return fig
+
+
+def plot_history(history: Any, *, path: str | Path | None = None, title: str = "") -> Any:
+    """The training curve: train objective and validation ELBO (nats per datapoint) per epoch."""
+    fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     epochs = list(range(1, len(history.train_elbo) + 1))
     ax.plot(epochs, history.train_elbo, marker="o", label="train (objective)")
@@ -161,3 +189,214 @@ def plot_history(history: Any, *, path: str | Path | None = None, title: str = "
     if path is not None:
         fig.savefig(str(path))
     return fig
+
+
+def _as_cpu_tensor(values: Any, what: str) -> torch.Tensor:
+    try:
+        t = torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError):
+        raise DataError(f"{what} must be a tensor or array of numbers, got {type(values).__name__}") from None
+    return t.detach().cpu().double()
+
+
+def plot_latent_scatter(
+    z: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    dims: tuple[int, int] = (0, 1),
+    path: str | Path | None = None,
+    title: str = "",
+    point_size: float = 6.0,
+) -> Any:
+    r"""The codes of a data set as a scatter plot, one colour per label (Kingma & Welling 2014).
+
+    :param z: codes, shape ``(num_datapoints, latent_dim)`` with ``latent_dim >= 2``, e.g. the
+        posterior means :math:`\mathbb E_{q(z \mid x)}[z]` of the test digits.
+    :param labels: integer class labels, shape ``(num_datapoints,)`` (one colour and one legend
+        entry per class), or ``None`` (one colour).
+    :param dims: the two latent dimensions to show on the x and y axes.
+    :param path: if given, save the figure there.
+    :returns: the :class:`matplotlib.figure.Figure`; its axes hold one ``PathCollection`` per
+        class, together holding every point.
+    """
+    z = _as_cpu_tensor(z, "z")
+    if z.dim() != 2 or z.shape[1] < 2 or z.shape[0] == 0:
+        raise DataError(f"z must have shape (num_datapoints, latent_dim >= 2), got {tuple(z.shape)}")
+    i, j = (int(d) for d in dims)
+    if not (0 <= i < z.shape[1] and 0 <= j < z.shape[1]) or i == j:
+        raise ConfigError(f"dims must be two different dimensions below {z.shape[1]}, got {dims}")
+    if labels is not None:
+        labels = torch.as_tensor(labels).detach().cpu()
+        if labels.shape != (z.shape[0],):
+            raise DataError(
+                f"labels must have shape ({z.shape[0]},), one per code, got {tuple(labels.shape)}"
+            )
+    fig = _figure((6, 5.5))
+    ax = fig.add_subplot(1, 1, 1)
+    if labels is None:
+        ax.scatter(z[:, i].numpy(), z[:, j].numpy(), s=point_size, alpha=0.7, linewidths=0)
+    else:
+        from matplotlib import colormaps
+
+        classes = sorted({int(c) for c in labels.tolist()})
+        cmap = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        for k, c in enumerate(classes):
+            mask = labels == c
+            ax.scatter(z[mask, i].numpy(), z[mask, j].numpy(), s=point_size, alpha=0.7, linewidths=0,
+                       color=cmap(k % cmap.N), label=str(c))
+        ax.legend(markerscale=2.5, fontsize=8, loc="upper right", framealpha=0.8, title="label")
+    ax.set_xlabel(f"z{i + 1}")
+    ax.set_ylabel(f"z{j + 1}")
+    ax.set_title(title or f"codes of {z.shape[0]} datapoints")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)
+
+
+def plot_khat(
+    khat: Any,
+    *,
+    threshold: float = 0.7,
+    path: str | Path | None = None,
+    title: str = "",
+) -> Any:
+    r"""PSIS :math:`\hat k` of each datapoint's importance sampling, with the 0.7 threshold.
+
+    Points above ``threshold`` (red) mark datapoints whose :math:`\log p(x)` estimate is not to
+    be trusted (Vehtari et al. 2024). ``-inf`` (all weights equal: an exact proposal) is drawn
+    at the bottom of the axes as a triangle; ``nan`` (too few draws) is left out.
+
+    :param khat: ``LogLikelihood.khat`` from :func:`pyrovae.log_likelihood`, shape
+        ``(num_datapoints,)``; or a :class:`~pyrovae.importance.LogLikelihood` itself.
+    :returns: the Figure; its axes hold one point per datapoint with a finite or ``-inf``
+        :math:`\hat k`.
+    """
+    if hasattr(khat, "khat"):
+        khat = khat.khat
+    if khat is None:
+        raise ConfigError("no k-hat to plot: call log_likelihood(..., diagnostics=True) with K >= 25")
+    k = _as_cpu_tensor(khat, "khat").flatten()
+    if k.numel() == 0:
+        raise DataError("khat is empty")
+    index = torch.arange(k.numel())
+    finite = torch.isfinite(k)
+    exact = torch.isneginf(k)
+    if not bool((finite | exact).any()):
+        raise DataError("every k-hat is nan (fewer than 25 draws per datapoint); use num_samples >= 25")
+    fig = _figure((7, 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    bad = finite & (k > threshold)
+    good = finite & ~bad
+    ax.scatter(index[good].numpy(), k[good].numpy(), s=8, color="tab:blue", label=rf"$\hat k \leq {threshold}$")
+    ax.scatter(index[bad].numpy(), k[bad].numpy(), s=8, color="tab:red", label=rf"$\hat k > {threshold}$")
+    low = min(float(k[finite].min()) if bool(finite.any()) else 0.0, 0.0) - 0.1
+    if bool(exact.any()):
+        ax.scatter(index[exact].numpy(), [low] * int(exact.sum()), marker="v", s=12,
+                   color="tab:green", label="equal weights (exact)")
+    ax.axhline(threshold, color="tab:red", linestyle="--", linewidth=1)
+    ax.set_xlabel("datapoint")
+    ax.set_ylabel(r"PSIS $\hat k$")
+    share = float(bad.sum()) / max(1, int((finite | exact).sum()))
+    ax.set_title(title or rf"PSIS $\hat k$ per datapoint: {100 * share:.1f}% above {threshold}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_iwae_bounds(
+    bounds: Any,
+    *,
+    labels: Sequence[str] | None = None,
+    reference: float | None = None,
+    reference_label: str = "exact log p(x)",
+    errorbars: bool = True,
+    path: str | Path | None = None,
+    title: str = "",
+) -> Any:
+    r"""The IWAE bound :math:`L_K` (mean over datapoints, ± its standard error) against ``K``.
+
+    :math:`L_1` is the ELBO; :math:`L_K` rises toward :math:`\log p(x)` as ``K`` grows (Burda et
+    al. 2016). ``K`` is on a log axis.
+
+    :param bounds: one :class:`~pyrovae.importance.IWAEBounds` (from :func:`pyrovae.iwae_bounds`)
+        or a sequence of them (one line per model).
+    :param labels: one name per result.
+    :param reference: an exact :math:`\log p(x)` (mean over the same datapoints) to draw as a
+        dashed line, when one is known.
+    :param errorbars: draw ± the standard error over datapoints (turn off when comparing models on
+        the same datapoints: their difference is far more precise than either mean).
+    :returns: the Figure; one line per result with ``len(bounds.num_samples)`` points each.
+    """
+    results = [bounds] if hasattr(bounds, "num_samples") else list(bounds)
+    if not results or not all(hasattr(r, "num_samples") and hasattr(r, "means") for r in results):
+        raise ConfigError("plot_iwae_bounds needs one IWAEBounds or a sequence of them (from iwae_bounds())")
+    if labels is None:
+        labels = [f"model {i + 1}" for i in range(len(results))] if len(results) > 1 else [""]
+    labels = list(labels)
+    if len(labels) != len(results):
+        raise ConfigError(f"got {len(labels)} labels for {len(results)} results; pass one per result")
+    fig = _figure((6, 4))
+    ax = fig.add_subplot(1, 1, 1)
+    for r, label in zip(results, labels):
+        errs = [0.0 if math.isnan(float(e)) or not errorbars else float(e) for e in r.stderrs]
+        ax.errorbar(list(r.num_samples), [float(m) for m in r.means], yerr=errs, marker="o",
+                    capsize=3, label=label or None)
+    if reference is not None:
+        ax.axhline(float(reference), color="black", linestyle="--", linewidth=1, label=reference_label)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples)")
+    ax.set_ylabel(r"$L_K$, nats per datapoint")
+    ax.set_title(title or r"IWAE bound $L_K$ against K ($L_1$ = ELBO)")
+    ax.grid(alpha=0.3, which="both")
+    if any(labels) or reference is not None:
+        ax.legend(fontsize=8)
+    return _finish(fig, path)
+
+
+def plot_kl_per_dimension(
+    kl: Any,
+    *,
+    active: Any = None,
+    sort: bool = False,
+    path: str | Path | None = None,
+    title: str = "",
+) -> Any:
+    r"""A bar per latent dimension: :math:`\frac1N \sum_n \mathrm{KL}(q(z_d \mid x_n) \| p(z_d))`.
+
+    Collapsed dimensions (posterior equal to the prior for every ``x``) have bars near 0.
+
+    :param kl: a :class:`~pyrovae.diagnostics.KLPerDimension` (from
+        :func:`pyrovae.kl_per_dimension`) with ``per_dim`` set, or a tensor ``(latent_dim,)``.
+    :param active: an optional :class:`~pyrovae.diagnostics.ActiveUnits` (or a boolean mask
+        ``(latent_dim,)``): active dimensions are drawn in blue, inactive ones in grey.
+    :param sort: order the bars by decreasing KL (the x tick labels keep the dimension numbers).
+    :returns: the Figure; its axes hold one bar per latent dimension.
+    """
+    per_dim = getattr(kl, "per_dim", kl)
+    if per_dim is None:
+        raise ConfigError(
+            "this KL has no per-dimension split (q or p does not factorize over the dimensions); "
+            "plot kl.total instead"
+        )
+    values = _as_cpu_tensor(per_dim, "kl").flatten()
+    if values.numel() == 0:
+        raise DataError("kl has no dimensions")
+    mask = getattr(active, "active", active)
+    if mask is not None:
+        mask = torch.as_tensor(mask).detach().cpu().bool().flatten()
+        if mask.shape != values.shape:
+            raise DataError(f"active has {mask.numel()} dimensions, the KL has {values.numel()}")
+    order = torch.argsort(values, descending=True) if sort else torch.arange(values.numel())
+    fig = _figure((max(4.0, min(12.0, 0.25 * values.numel() + 3)), 3.5))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["tab:blue" if mask is None or bool(mask[d]) else "tab:gray" for d in order.tolist()]
+    ax.bar(range(values.numel()), values[order].numpy(), color=colors)
+    step = max(1, values.numel() // 25)
+    ticks = list(range(0, values.numel(), step))
+    ax.set_xticks(ticks, [str(int(order[t]) + 1) for t in ticks], fontsize=7)
+    ax.set_xlabel("latent dimension" + (" (sorted by KL)" if sort else ""))
+    ax.set_ylabel("KL, nats per datapoint")
+    total = float(values.sum())
+    extra = "" if mask is None else f", {int(mask.sum())} of {mask.numel()} active"
+    ax.set_title(title or f"KL per latent dimension (total {total:.2f} nats{extra})")
+    ax.grid(axis="y", alpha=0.3)
+    return _finish(fig, path)
