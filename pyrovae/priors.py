@@ -405,10 +405,14 @@ class _PairwiseMixture(dist.TorchDistribution):
         if z.shape[0] <= rows:
             out = self._chunk(z, *values)
         elif torch.is_grad_enabled():
+            # Reentrant: each chunk's recomputed graph is backpropagated and freed at once. (The
+            # non-reentrant form keeps recomputed tensors that backward never unpacks until the
+            # whole backward pass ends: measured, the peak grew by ~50 MB per row with an IAF.)
+            # It needs .backward(), not torch.autograd.grad, where a step has several chunks.
             from torch.utils.checkpoint import checkpoint
 
             out = torch.cat([
-                checkpoint(self._chunk, c, *values, use_reentrant=False, preserve_rng_state=False)
+                checkpoint(self._chunk, c, *values, use_reentrant=True, preserve_rng_state=False)
                 for c in z.split(rows)
             ])
         else:
