@@ -219,6 +219,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite mnist_nll.md and the curve PNG from --out's mnist_nll.json")
     p.add_argument("--measure-speed", action="store_true",
                    help="time training steps at minibatch 20 and 100 and exit")
     p.add_argument("--speed-steps", type=int, default=1500)
@@ -453,6 +455,14 @@ def write_results(out: Path, row: dict[str, Any]) -> None:
         plot_curves(out / "mnist_nll_curve.png", rows)
 
 
+def render(out: Path) -> None:
+    rows = read_json(out / "mnist_nll.json", None)
+    if not isinstance(rows, list) or not rows:
+        raise BenchmarkError(f"{out / 'mnist_nll.json'} holds no rows; run a setting first")
+    _atomic_text(out / "mnist_nll.md", markdown(rows, out))
+    plot_curves(out / "mnist_nll_curve.png", rows)
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -500,17 +510,22 @@ def markdown(rows: list[dict[str, Any]], out: Path = RESULTS) -> str:
             f"{speed['steps']} training steps each through `pyrovae.fit`:"
         )
         lines.append("")
-        lines.append("| minibatch | steps/s | s/epoch (60,000 digits) | 3,280 epochs (h) |")
-        lines.append("|---|---|---|---|")
+        lines.append("| minibatch | steps/s | s/epoch (60,000 digits) | 3,280 epochs (h) "
+                     "| conditions |")
+        lines.append("|---|---|---|---|---|")
+        conditions = f"{speed['steps']} steps, load average {speed.get('load_average', 0):.1f}"
         for m in speed["measurements"]:
             lines.append(f"| {m['batch_size']} | {m['steps_per_second']:.0f} | "
-                         f"{m['seconds_per_epoch']:.1f} | {m['schedule_hours']:.1f} |")
+                         f"{m['seconds_per_epoch']:.1f} | {m['schedule_hours']:.1f} | {conditions} |")
+        for m in speed.get("other_measurements", []):
+            lines.append(f"| {m['batch_size']} | {m['steps_per_second']:.0f} | "
+                         f"{m['seconds_per_epoch']:.1f} | {m['schedule_hours']:.1f} | {m['note']} |")
         lines += ["", speed["decision"]]
     for r in rows:
         if r.get("steps_per_second"):
             lines.append(
                 f"- `{r['setting']}` measured during its run: {r['steps_per_second']:.0f} steps/s "
-                f"on average over {r['epochs_trained']} epochs; the whole schedule at that rate: "
+                f"on average over {r['epochs_trained']} epoch(s); the whole schedule at that rate: "
                 f"{_fmt(r.get('estimated_total_hours'), 1)} h of training (plus evaluations)."
             )
     lines += [
@@ -667,9 +682,12 @@ def run(args: argparse.Namespace) -> None:
         return
 
     points = curve_epochs(schedule, args.curve_every)
-    done = training_progress(run_dir)["epochs"]
+    start = training_progress(run_dir)
+    done = start["epochs"]
     trained = 0
-    last_epoch_seconds: float | None = None
+    # The budget in hours is checked between fit calls: size each call by the time per epoch so
+    # far (the first call of a new run trains one epoch to measure it).
+    last_epoch_seconds: float | None = start["hours"] * 3600 / done if done else None
     print(f"mnist_nll: [{args.setting}] {dataset}: {len(train)} train / {len(test)} test digits; "
           f"schedule {schedule_name} ({total} epochs, batch {schedule['batch_size']}); "
           f"{done} epochs done; run folder {run_dir}", flush=True)
@@ -685,14 +703,14 @@ def run(args: argparse.Namespace) -> None:
         if args.max_epochs is not None and trained >= args.max_epochs:
             break
         elapsed = time.perf_counter() - t_start
-        if args.max_hours is not None and elapsed >= args.max_hours * 3600:
-            break
+        if args.max_hours is not None and trained and elapsed >= args.max_hours * 3600:
+            break  # (an invocation trains at least one epoch)
         stage, end, lr = stage_at(schedule, done)
         target = min(end, min(p for p in points if p > done))
         if args.max_epochs is not None:
             target = min(target, done + args.max_epochs - trained)
-        if args.max_hours is not None and last_epoch_seconds:
-            fits = int((args.max_hours * 3600 - elapsed) // last_epoch_seconds)
+        if args.max_hours is not None:
+            fits = int((args.max_hours * 3600 - elapsed) // last_epoch_seconds) if last_epoch_seconds else 1
             target = min(target, done + max(1, fits))
         torch.manual_seed(args.seed)
         pyro.clear_param_store()
@@ -771,6 +789,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.measure_speed:
             measure_speed(args)
+        elif args.render:
+            render(args.out)
         elif args.save_state and args.max_epochs is None and args.max_hours is None \
                 and not args.evaluate_now:
             save_state(args, args.run_dir or DEFAULT_RUNS / args.setting)

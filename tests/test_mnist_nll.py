@@ -195,3 +195,19 @@ def test_mnist_needs_a_data_root(tmp_path, monkeypatch, capsys):
                        "--out", str(tmp_path / "o"), "--max-epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "PYROVAE_DATA" in err[0]
+
+
+def test_max_hours_stops_after_the_first_epoch_when_spent(first, tmp_path, one_thread):
+    run = Run(tmp_path)
+    assert run("--max-hours", "1e-9") == 0  # a new run trains one epoch to measure its time
+    assert len(read_checkpoint(run.run_dir)["history"]["train_elbo"]) == 1
+    assert run("--max-hours", "1e-9") == 0  # then at least one epoch per invocation
+    assert len(read_checkpoint(run.run_dir)["history"]["train_elbo"]) == 2
+
+
+def test_render_rewrites_the_markdown_from_the_json(first, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(first.out, out)
+    (out / "mnist_nll.md").unlink()
+    assert bench.main(["--render", "--out", str(out)]) == 0
+    assert "| vae-dynamic-k1 |" in (out / "mnist_nll.md").read_text()
