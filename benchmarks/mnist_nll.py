@@ -223,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--render", action="store_true",
                    help="only rewrite mnist_nll.md and the curve PNG from --out's mnist_nll.json")
+    p.add_argument("--snippet", type=Path, default=HERE.parent / "docs" / "readme-snippets" / "mnist_nll.md",
+                   help="with --render: where the README snippet goes")
     p.add_argument("--measure-speed", action="store_true",
                    help="time training steps at minibatch 20 and 100 and exit")
     p.add_argument("--speed-steps", type=int, default=1500)
@@ -460,12 +462,73 @@ def write_results(out: Path, row: dict[str, Any]) -> None:
         plot_curves(out / "mnist_nll_curve.png", rows)
 
 
-def render(out: Path) -> None:
+def render(out: Path, snippet: Path | None = None) -> None:
     rows = read_json(out / "mnist_nll.json", None)
     if not isinstance(rows, list) or not rows:
         raise BenchmarkError(f"{out / 'mnist_nll.json'} holds no rows; run a setting first")
     _atomic_text(out / "mnist_nll.md", markdown(rows, out))
     plot_curves(out / "mnist_nll_curve.png", rows)
+    if snippet is not None:
+        _atomic_text(snippet, readme_snippet(rows))
+
+
+def readme_snippet(rows: list[dict[str, Any]]) -> str:
+    """The README's section on this benchmark (docs/readme-snippets/mnist_nll.md)."""
+    lines = [
+        "### Test log-likelihood on MNIST: the published settings (`benchmarks/mnist_nll.py`)",
+        "",
+        "Burda et al. 2016's one-stochastic-layer models (784-200-200-50 tanh, Bernoulli "
+        "likelihood, Adam with eps 1e-4, 3^i epochs at learning rate 1e-3·10^(-i/7) for "
+        "i = 0..7, 3,280 epochs in all) and Tomczak & Welling 2018's VampPrior, trained by "
+        "`pyrovae.fit` and scored by `pyrovae.log_likelihood`. The published protocol is "
+        "K = 5000 importance samples on all 10,000 test digits; a row that is not complete shows "
+        "its latest learning-curve point (1000 test digits, K = 1000) and how far its schedule "
+        "has got. Test NLL in nats, lower is better.",
+        "",
+        "| setting | pyrovae | K / test digits | budget so far (epochs, training hours, minibatch) "
+        "| complete | published | other libraries (their figure vs their reference) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        others = "; ".join(
+            f"{o['library']}: {o['nll']} vs {o['its_reference']}" for o in r.get("other_libraries", [])
+        ) or "–"
+        if r.get("nll") is None:
+            ours, protocol = "not run yet", "–"
+        else:
+            ours = f"{r['nll']:.2f} ± {r['stderr']:.2f}"
+            protocol = f"{r['num_samples']} / {r['num_test']}"
+        budget = (f"{r.get('epochs') or 0} of {r['schedule_epochs']} epochs, "
+                  f"{_fmt(r.get('hours'), 1)} h, batch {r['batch_size']}")
+        lines.append(f"| {r['setting']} | {ours} | {protocol} | {budget} | "
+                     f"{'yes' if r.get('complete') else 'no'} | {r['published']} | {others} |")
+    lines += [
+        "",
+        "Sources: Burda et al. 2016 table 1 and appendix (IWAE rows need "
+        "`pyrovae.losses.IWAE`; `pyro.infer.RenyiELBO` is not the IWAE bound under "
+        "subsampling); Tomczak & Welling 2018 table 2. pythae's figures are for its own "
+        "training settings; its VAE figure is against Rezende & Mohamed 2015's 89.9. "
+        "The Burda rows here run Burda et al.'s epochs and learning rates at minibatch 100 "
+        "(schedule `burda-b100`, about 2x faster per epoch on one CPU thread than the published "
+        "minibatch of 20; `--schedule burda` runs that). Details, speeds and the learning "
+        "curves: [benchmarks/results/mnist_nll.md](benchmarks/results/mnist_nll.md).",
+        "",
+        "![MNIST test NLL against epochs and training hours](benchmarks/results/mnist_nll_curve.png)",
+        "",
+        "A run continues across invocations from its run folder (default "
+        "`/work/pyrovae-runs/mnist_nll/<setting>`, outside the git tree); when that folder is "
+        "missing it starts from the committed state `benchmarks/results/mnist_nll_state/<setting>.pt`:",
+        "",
+        "```",
+        "PYROVAE_DATA=/work/shared/data nohup nice -n 10 python benchmarks/mnist_nll.py \\",
+        "    --setting vae-dynamic-k1 [--max-hours H] [--max-epochs N] \\",
+        "    >> /work/pyrovae-runs/mnist_nll/vae-dynamic-k1.log 2>&1 &",
+        "python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --evaluate-now  # K=5000 now",
+        "python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --save-state    # to commit",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -795,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.measure_speed:
             measure_speed(args)
         elif args.render:
-            render(args.out)
+            render(args.out, args.snippet)
         elif args.save_state and args.max_epochs is None and args.max_hours is None \
                 and not args.evaluate_now:
             save_state(args, args.run_dir or DEFAULT_RUNS / args.setting)

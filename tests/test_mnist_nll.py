@@ -209,5 +209,6 @@ def test_render_rewrites_the_markdown_from_the_json(first, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(first.out, out)
     (out / "mnist_nll.md").unlink()
-    assert bench.main(["--render", "--out", str(out)]) == 0
+    assert bench.main(["--render", "--out", str(out), "--snippet", str(out / "s.md")]) == 0
+    assert "| vae-dynamic-k1 |" in (out / "s.md").read_text()
     assert "| vae-dynamic-k1 |" in (out / "mnist_nll.md").read_text()
