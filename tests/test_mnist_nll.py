@@ -212,3 +212,15 @@ def test_render_rewrites_the_markdown_from_the_json(first, tmp_path):
     assert bench.main(["--render", "--out", str(out), "--snippet", str(out / "s.md")]) == 0
     assert "| vae-dynamic-k1 |" in (out / "s.md").read_text()
     assert "| vae-dynamic-k1 |" in (out / "mnist_nll.md").read_text()
+
+
+def test_invocations_add_up_to_the_uninterrupted_run(first, tmp_path, one_thread):
+    """1 + 2 + 1 epochs in three invocations train exactly the weights of 4 in one."""
+    whole, split = Run(tmp_path, "whole"), Run(tmp_path, "split")
+    assert whole("--max-epochs", "4") == 0
+    shutil.copytree(first.run_dir, split.run_dir)  # epoch 1 done
+    assert split("--max-epochs", "2") == 0 and split("--max-epochs", "1") == 0
+    a, b = read_checkpoint(whole.run_dir), read_checkpoint(split.run_dir)
+    assert a["history"]["train_elbo"] == b["history"]["train_elbo"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
