@@ -398,7 +398,9 @@ def make_row(setting: str, meta: dict[str, Any]) -> dict[str, Any]:
     total = stage_ends(schedule)[-1]
     curve = sorted(meta.get("curve", []), key=lambda c: c["epochs"])
     finals = sorted(meta.get("evaluations", []), key=lambda c: c["epochs"])
-    head = finals[-1] if finals else (curve[-1] if curve else None)
+    # The headline is the most recent evaluation; at equal epochs the full protocol wins.
+    candidates = [(c["epochs"], 0, c) for c in curve] + [(c["epochs"], 1, c) for c in finals]
+    head = max(candidates, key=lambda t: t[:2])[2] if candidates else None
     row: dict[str, Any] = {
         "setting": setting,
         "published": spec["published"],
@@ -425,6 +427,7 @@ def make_row(setting: str, meta: dict[str, Any]) -> dict[str, Any]:
         "khat_above_0.7": head and head.get("khat_above_0.7"),
         "other_libraries": spec["other_libraries"],
         "curve": curve,
+        "full_evaluations": finals,
     }
     return row
 
