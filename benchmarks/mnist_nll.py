@@ -45,7 +45,14 @@ Usage::
     PYROVAE_DATA=/path/to/data python benchmarks/mnist_nll.py --setting vae-dynamic-k1
     python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --max-hours 2      # continue, 2 h
     python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --evaluate-now     # score it now
+    python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --save-state       # before a commit
+    python benchmarks/mnist_nll.py --render        # .md, PNG and docs/readme-snippets/mnist_nll.md
     python benchmarks/mnist_nll.py --measure-speed                             # steps/s, 1 thread
+
+A row's ``nll`` is its most recent evaluation (at equal epochs the final protocol wins);
+``num_test`` and ``num_samples`` say which protocol it is, ``epochs`` and ``hours`` (training
+time, evaluations excluded) the budget it had, ``complete`` whether the schedule had ended and
+all test digits were scored.
 """
 
 from __future__ import annotations
