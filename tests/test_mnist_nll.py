@@ -224,3 +224,14 @@ def test_invocations_add_up_to_the_uninterrupted_run(first, tmp_path, one_thread
     assert a["history"]["train_elbo"] == b["history"]["train_elbo"]
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_iwae_setting_trains_with_pyrovae_losses(tmp_path, one_thread):
+    pytest.importorskip("pyrovae.losses", reason="pyrovae.losses.IWAE is not in this pyrovae yet")
+    run = tmp_path / "iwae"
+    assert bench.main(["--setting", "iwae-dynamic-k5", "--dataset", "default", "--schedule", "smoke",
+                       "--run-dir", str(run), "--out", str(tmp_path / "out"), "--max-epochs", "1",
+                       "--curve-num-test", "20", "--curve-num-samples", "10"]) == 0
+    ckpt = read_checkpoint(run)
+    assert ckpt["training_state"]["settings"]["loss"] == "IWAE"
+    assert len(ckpt["history"]["train_elbo"]) == 1
