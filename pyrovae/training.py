@@ -322,7 +322,7 @@ def _check_dataset(vae: Any, dataset: Any, what: str, device: torch.device) -> N
     n = len(dataset)
     if n == 0:
         raise DataError(f"{what} is empty; pass at least one datapoint")
-    bad = 0
+    bad, px = 0, None
     for start in range(0, n, 8192):
         try:
             x, _ = dataset[torch.arange(start, min(start + 8192, n))]
@@ -335,9 +335,10 @@ def _check_dataset(vae: Any, dataset: Any, what: str, device: torch.device) -> N
             x = torch.as_tensor(x)
         x = to_device(x, device, what)
         vae.check_data(x, what, support=False)
-        bad += vae.count_outside_support(x)
+        px = vae.likelihood(vae.prior().sample((1,))) if px is None else px
+        bad += vae.count_outside_support(x, px)
     if bad:  # the whole data set's count, not the first chunk's
-        raise vae.support_error(bad, what)
+        raise vae.support_error(bad, what, px)
 
 
 # --------------------------------------------------------------------------- reproducible order

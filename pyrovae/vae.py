@@ -196,33 +196,35 @@ class VAE(PyroModule):
                 f"{what} is on {x.device} but the model is on {device}; move one with .to()"
             )
         check_finite(x, what)
-        event_shape = tuple(self._probe_likelihood().event_shape)
+        px = self._probe_likelihood()  # one draw from the prior (the same as every check before)
+        event_shape = tuple(px.event_shape)
         if tuple(x.shape[1:]) != event_shape:
             raise DataError(
                 f"{what} has {tuple(x.shape[1:])} features per datapoint but the decoder produces "
                 f"{event_shape}; build the decoder with out_dim={x.shape[1]}"
             )
         if support:
-            bad = self.count_outside_support(x)
+            bad = self.count_outside_support(x, px)
             if bad:
-                raise self.support_error(bad, what)
+                raise self.support_error(bad, what, px)
 
     def _probe_likelihood(self) -> Any:
         return self.likelihood(self.prior().sample((1,)))
 
     @torch.no_grad()
-    def count_outside_support(self, x: torch.Tensor) -> int:
-        """How many rows of ``x`` ``(batch, D)`` lie outside the likelihood's support."""
-        px = self._probe_likelihood()
+    def count_outside_support(self, x: torch.Tensor, px: Any = None) -> int:
+        """How many rows of ``x`` ``(batch, D)`` lie outside the likelihood's support (``px``: a
+        likelihood distribution already at hand, else one is made from a prior draw)."""
+        px = self._probe_likelihood() if px is None else px
         ok = px.support.check(x.to(self._device_dtype()[1]))
         # An event constraint (e.g. independent) already reduces over the event dims.
         while ok.dim() > 1:
             ok = ok.all(-1)
         return int((~ok).sum())
 
-    def support_error(self, bad: int, what: str = "data") -> DataError:
+    def support_error(self, bad: int, what: str = "data", px: Any = None) -> DataError:
         """The error for ``bad`` datapoints of ``what`` outside the likelihood's support."""
-        support = self._probe_likelihood().support
+        support = (self._probe_likelihood() if px is None else px).support
         binary = getattr(support, "base_constraint", None) is dist.constraints.boolean
         hint = (
             "binarize it first (e.g. binarize='dynamic' in pyrovae.data, or torch.bernoulli(x))"

@@ -10,6 +10,12 @@ import pytest
 import torch
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test processes share the cores (pytest -n): one torch thread each, else they
+    # oversubscribe the machine and every small op waits.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clear() -> None:
     """Every test starts from the same seed and an empty Pyro param store."""

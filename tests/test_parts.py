@@ -26,6 +26,7 @@ from conftest import assert_close
 from linear_gaussian import LinearGaussian
 from pyrovae import (
     VAE,
+    Bernoulli,
     Categorical256,
     ConfigError,
     ContinuousBernoulli,
@@ -732,3 +733,15 @@ def test_vampprior_chunks_give_the_same_density_and_gradients(family_name, float
         assert_close(g, h, msg="chunked gradients")
     # what one chunk keeps for the backward pass stays within the budget (storage accounting)
     assert prior()._saved_bytes(rows[:chunk].clone()) <= 1.05 * budget
+
+
+def test_bad_datapoints_are_counted_over_the_whole_data_set():
+    """fit checks the data in chunks of 8192 rows; the refusal counts every bad datapoint."""
+    from pyrovae import fit
+
+    vae = VAE(StandardNormal(2), DiagonalNormal(MLP(4, (), 8, activate_output=True), 2),
+              Bernoulli(MLP(2, (), 4)), num_data=9000)
+    x = torch.bernoulli(torch.full((9000, 4), 0.5))
+    x[::2, 0] = 0.5  # 4500 grey datapoints, in both chunks
+    with pytest.raises(DataError, match="^4500 datapoint"):
+        fit(vae, x, num_epochs=1, progress=False)
