@@ -39,3 +39,32 @@ def test_train_swaps_from_the_command_line(tmp_path, capsys, args, expect):
     for key, value in expect.items():
         assert getattr(vae.config, key) == value
     assert "test log-likelihood" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prior", "vamp", "--family", "planar"], "VampPrior needs a variational family that"),
+    (["--prior", "vamp", "--family", "local"], "--family diagonal"),
+    (["--binarize", "none"], "binarize it first (--binarize dynamic)"),
+    (["--dataset", "mnist", "--data-root", "/nonexistent/folder"], "--data-root"),
+    (["--loss", "elbo", "--gradient", "dreg"], "use --loss iwae"),
+])
+def test_refused_runs_speak_cli_and_leave_no_folder(tmp_path, capsys, args, message):
+    """A refused run prints one line in the CLI's own words and leaves no run folder behind."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, *args, "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert "binarize='" not in err and "root=" not in err
+    assert not run.exists()
+
+
+def test_a_run_remembers_its_data_root(tmp_path, monkeypatch, real_data_root):
+    """`pyrovae evaluate RUN` finds the data where the run found it, without --data-root."""
+    run = tmp_path / "run"
+    assert main(["train", *TINY, "--dataset", "binarized-mnist", "--num-train", "200",
+                 "--data-root", str(real_data_root), "--out", str(run)]) == 0
+    saved = json.loads((run / "config.json").read_text())["cli"]
+    assert saved["data_root"] == str(real_data_root.resolve()) and saved["num_train"] == 200
+    monkeypatch.delenv("PYROVAE_DATA", raising=False)
+    assert main(["evaluate", str(run), "--num-samples", "5", "--eval-points", "5",
+                 "--check-points", "0", "--no-progress"]) == 0
