@@ -164,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    sp = sub.add_parser("sample", help="draw images from a trained run's model: z ~ p(z), then "
+                        "the likelihood's mean")
+    sp.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
+    sp.add_argument("-n", "--num-samples", type=int, default=64, help="images (default: 64)")
+    sp.add_argument("--out", type=Path, default=None,
+                    help="the PNG to write (default: RUN/samples-seed<S>.png, never overwriting)")
+    sp.add_argument("--seed", type=int, default=0, help="seeds the draws (default: 0)")
+    sp.add_argument("--scale", type=int, default=3,
+                    help="pixels per image pixel, so digits are large enough to see (default: 3)")
+    sp.add_argument("--device", default="cpu")
+
     b = sub.add_parser("bdmc", help="the BDMC sandwich of log p(x) on data simulated from a run's "
                        "model (Grosse et al. 2015), with IS beside it")
     b.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
@@ -644,13 +655,15 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
 
     shape = config.image_shape
     x = test[torch.arange(min(32, len(test)))][0].to(device)
-    plots.sample_grid(vae, shape, path=out / "samples.png")
-    plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png")
+    plots.sample_grid(vae, shape, path=out / "samples.png", scale=3)
+    plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png", scale=3)
     plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
     if config.latent_dim == 2:
         plots.latent_manifold(vae, shape, path=out / "manifold.png")
     print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
           f"training_curve.png{' manifold.png' if config.latent_dim == 2 else ''}")
+    print(f"next: pyrovae evaluate {out} (K=5000, or --estimator ais) | pyrovae sample {out} | "
+          f"pyrovae gaps {out} | pyrovae bdmc {out}")
     return 0
 
 
@@ -756,6 +769,28 @@ def _write_csv(path: Path, metrics: dict[str, Any]) -> None:
             keys = [k for k, v in ll.items() if not isinstance(v, (dict, list))]
             writer.writerow(keys)
             writer.writerow([ll[k] for k in keys])
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from . import plots
+    from .checkpoint import load_model
+
+    _check_numbers(args)
+    if args.scale < 1:
+        raise ConfigError(f"--scale must be a positive integer, got {args.scale}")
+    _run_options(args.run, "sample")
+    vae = load_model(args.run, device=_device(args.device))
+    shape = getattr(getattr(vae, "config", None), "image_shape", None)
+    if not shape:
+        raise ConfigError(f"{args.run}: the model has no image shape to draw; use vae.sample() in Python")
+    out = args.out or _unused_path(args.run / f"samples-seed{args.seed}.png")
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out}: write a .png file")
+    torch.manual_seed(args.seed)
+    plots.sample_grid(vae, shape, num_samples=args.num_samples, nrow=min(8, args.num_samples),
+                      path=out, scale=args.scale)
+    print(f"wrote {out} ({args.num_samples} samples, seed {args.seed})")
+    return 0
 
 
 def _bdmc(args: argparse.Namespace) -> int:
@@ -916,6 +951,8 @@ def main(argv: list[str] | None = None) -> int:
             return _gaps(args)
         if args.command == "bdmc":
             return _bdmc(args)
+        if args.command == "sample":
+            return _sample(args)
         return _evaluate(args)
     except Preempted as e:  # SIGTERM: a checkpoint was written; exit so the scheduler requeues
         import os

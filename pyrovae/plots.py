@@ -52,10 +52,22 @@ def _as_images(x: torch.Tensor, image_shape: Sequence[int]) -> torch.Tensor:
 
 
 def image_grid(
-    x: torch.Tensor, image_shape: Sequence[int], *, nrow: int = 8, path: str | Path | None = None
+    x: torch.Tensor,
+    image_shape: Sequence[int],
+    *,
+    nrow: int = 8,
+    path: str | Path | None = None,
+    scale: int = 1,
 ) -> torch.Tensor:
-    """Tile flat images ``(n, D)`` into one grid image ``(C, H', W')``; save it if ``path``."""
+    """Tile flat images ``(n, D)`` into one grid image ``(C, H', W')``; save it if ``path``.
+
+    :param scale: enlarge every pixel to ``scale x scale`` (nearest neighbour), so that 28-pixel
+        digits are large enough to see in an image viewer.
+    """
+    check_positive_int(scale, "scale")
     grid = make_grid(_as_images(x, image_shape), nrow=nrow, padding=2, pad_value=1.0)
+    if scale > 1:
+        grid = torch.nn.functional.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]
     if path is not None:
         save_image(grid, str(path))
     return grid
@@ -68,10 +80,11 @@ def sample_grid(
     num_samples: int = 64,
     nrow: int = 8,
     path: str | Path | None = None,
+    scale: int = 1,
 ) -> torch.Tensor:
     """A grid of the likelihood means at ``num_samples`` draws ``z ~ p(z)``."""
     check_positive_int(num_samples, "num_samples")
-    return image_grid(vae.sample(num_samples), image_shape, nrow=nrow, path=path)
+    return image_grid(vae.sample(num_samples), image_shape, nrow=nrow, path=path, scale=scale)
 
 
 def reconstruction_grid(
@@ -80,6 +93,7 @@ def reconstruction_grid(
     image_shape: Sequence[int],
     *,
     path: str | Path | None = None,
+    scale: int = 1,
 ) -> torch.Tensor:
     """Inputs and their reconstructions in alternating rows (each row up to 8 images)."""
     x = x[:64]
@@ -89,7 +103,7 @@ def reconstruction_grid(
         rows += [x[start : start + 8], recon[start : start + 8]]
     width = min(8, len(x))
     padded = [torch.cat([r, r.new_ones(width - len(r), r.shape[1])]) if len(r) < width else r for r in rows]
-    return image_grid(torch.cat(padded), image_shape, nrow=width, path=path)
+    return image_grid(torch.cat(padded), image_shape, nrow=width, path=path, scale=scale)
 
 
 @torch.no_grad()

@@ -100,3 +100,18 @@ def test_bad_estimator_options_are_one_line(run, argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+def test_sample_writes_a_seeded_grid_and_never_overwrites(run):
+    from PIL import Image
+
+    assert main(["sample", str(run), "-n", "16", "--seed", "3", "--scale", "2"]) == 0
+    assert main(["sample", str(run), "-n", "16", "--seed", "3", "--scale", "2"]) == 0
+    first, second = run / "samples-seed3.png", run / "samples-seed3-2.png"
+    a, b = Image.open(first), Image.open(second)
+    # 8 x 2 digits of 28 pixels with 2-pixel padding, each pixel drawn 2 x 2
+    assert a.size == (2 * (8 * 30 + 2), 2 * (2 * 30 + 2))
+    assert list(a.getdata()) == list(b.getdata())  # the same seed draws the same images
+    assert main(["sample", str(run), "-n", "16", "--seed", "4", "--scale", "2", "--out",
+                 str(run / "other.png")]) == 0
+    assert list(Image.open(run / "other.png").getdata()) != list(a.getdata())
