@@ -660,13 +660,35 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
     plots.sample_grid(vae, shape, path=out / "samples.png", scale=3)
     plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png", scale=3)
     plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
+    two_d = ""
     if config.latent_dim == 2:
         plots.latent_manifold(vae, shape, path=out / "manifold.png")
+        _latent_pictures(vae, test, shape, out, device)
+        two_d = " manifold.png latent_scatter.png interpolation.png"
     print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
-          f"training_curve.png{' manifold.png' if config.latent_dim == 2 else ''}")
+          f"training_curve.png{two_d}")
     print(f"next: pyrovae evaluate {out} (K=5000, or --estimator ais) | pyrovae sample {out} | "
           f"pyrovae gaps {out} | pyrovae bdmc {out}")
     return 0
+
+
+@torch.no_grad()
+def _latent_pictures(vae: Any, test: Any, shape: Any, out: Path, device: torch.device) -> None:
+    """For a 2-D latent space: the test codes coloured by label, and interpolations."""
+    from . import plots
+
+    n = min(500, len(test))
+    x, idx = test[torch.arange(n)]
+    x, idx = x.to(device), torch.as_tensor(idx).to(device)
+    vae.eval()
+    # the posterior mean of each code, by Monte Carlo (works for every family)
+    z = vae.family(x, idx).sample((32,)).mean(0).cpu()
+    labels = getattr(test, "labels", None)
+    plots.plot_latent_scatter(z, None if labels is None else labels[:n].cpu(),
+                              path=out / "latent_scatter.png", title="test codes E[z|x]")
+    pairs = min(4, n // 2)
+    plots.interpolation_grid(vae, x[:pairs], x[pairs:2 * pairs], shape,
+                             path=out / "interpolation.png")
 
 
 def _resume_command(run: Path, world: int | None = None) -> str:
