@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
+
 import math
 import numbers
 from typing import Any
@@ -29,7 +34,7 @@ def check_positive_float(value: Any, name: str) -> float:
     return f
 
 
-def check_vae(vae: Any) -> Any:
+def check_vae(vae: object) -> VAE:
     """Return ``vae`` if it is a :class:`torch.nn.Module` with ``model``, ``guide`` and
     ``check_data`` (a :class:`~pyrovae.VAE`, or anything shaped like one), else raise
     :class:`ConfigError`."""

@@ -53,6 +53,11 @@ References:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .evaluation import Scorable
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -366,7 +371,7 @@ def _result(log_w: torch.Tensor, acceptance: torch.Tensor, eps: torch.Tensor, si
 
 
 def ais(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     *,
     num_intermediate: int = 1000,
@@ -451,7 +456,7 @@ def _check_density(program: Program, x: torch.Tensor, idx: torch.Tensor, start: 
 
 
 def bdmc(
-    vae: Any,
+    vae: Scorable,
     num_points: int,
     *,
     num_intermediate: int = 1000,

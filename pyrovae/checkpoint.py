@@ -32,6 +32,11 @@ the one loading path, for the library and the CLI alike.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
+
 import contextlib
 import dataclasses
 import errno
@@ -188,7 +193,7 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
         raise ConfigError(f"config cannot be stored as JSON ({e}); use plain numbers and strings") from None
 
 
-def describe_model(vae: Any, config: Any = None) -> dict[str, Any]:
+def describe_model(vae: VAE, config: Any = None) -> dict[str, Any]:
     """The model description stored in a checkpoint: class, ``num_data``, parameter shapes, config."""
     if config is None:
         config = getattr(vae, "config", None)
@@ -229,7 +234,7 @@ def _mismatch(saved: Mapping[str, Any], model: Mapping[str, torch.Tensor]) -> st
 # -------------------------------------------------------------------------------------- writing
 def save_checkpoint(
     path: str | os.PathLike[str],
-    vae: Any,
+    vae: VAE,
     optimizer: torch.optim.Optimizer | None = None,
     *,
     history: Any = None,
@@ -310,7 +315,7 @@ def save_train_state(
 
 
 def load_train_state(
-    path: str | os.PathLike[str], vae: Any = None, optimizer: torch.optim.Optimizer | None = None
+    path: str | os.PathLike[str], vae: VAE | None = None, optimizer: torch.optim.Optimizer | None = None
 ) -> Any:
     """Read the :class:`~pyrovae.training.TrainState` of a checkpoint written by
     :func:`pyrovae.fit` (this version's or an earlier one's), loading the model and optimizer
@@ -497,7 +502,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def load_checkpoint(
     path: str | os.PathLike[str],
-    vae: Any = None,
+    vae: VAE | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Read a checkpoint safely and load it into ``vae`` and ``optimizer`` (each optional).

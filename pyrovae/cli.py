@@ -22,6 +22,11 @@ printed ``--resume`` command to continue exactly; 130 interrupted by Ctrl-C.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
+
 import argparse
 import dataclasses
 import json
@@ -306,7 +311,7 @@ def _fixed_test_set(test: Any, eval_points: int | None, seed: int) -> Any:
     return test
 
 
-def _local(vae: Any) -> dict[str, Any]:
+def _local(vae: VAE) -> dict[str, Any]:
     """Estimator options for a per-datapoint family: score new points by fitting their own
     parameters with the decoder fixed (it holds none for them)."""
     from .families import capability
@@ -314,7 +319,7 @@ def _local(vae: Any) -> dict[str, Any]:
     return {"local": "fit"} if capability(vae.family, "per_datapoint") else {}
 
 
-def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress: bool, *,
+def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
                       check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4) -> dict:
     """Print and return the test ELBO, the importance-sampled log p(x) with its diagnostics, and
     (``check_points`` > 0) AIS on the first test points beside IS on the same points: how far
@@ -348,7 +353,7 @@ def _report_estimates(vae: Any, test: Any, num_samples: int, seed: int, progress
     return metrics
 
 
-def _ais_check(vae: Any, test: Any, ll: Any, points: int, steps: int, chains: int, seed: int,
+def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: int, seed: int,
                progress: bool) -> dict:
     """AIS on the first ``points`` test datapoints beside IS's values on the same points."""
     from .ais import ais
@@ -587,7 +592,7 @@ def _train_run(args: argparse.Namespace) -> int:
         raise
 
 
-def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss: Any,
+def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss: Any,
                 train: Any, valid: Any, test: Any, device: torch.device, resuming: bool,
                 group: Any = None) -> int:
     from . import distributed, plots
@@ -673,7 +678,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: Any, loss
 
 
 @torch.no_grad()
-def _latent_pictures(vae: Any, test: Any, shape: Any, out: Path, device: torch.device) -> None:
+def _latent_pictures(vae: VAE, test: Any, shape: Any, out: Path, device: torch.device) -> None:
     """For a 2-D latent space: the test codes coloured by label, and interpolations."""
     from . import plots
 

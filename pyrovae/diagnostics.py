@@ -45,6 +45,11 @@ References:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
+
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -217,7 +222,7 @@ class Diagnostics:
 
 
 # ---------------------------------------------------------------------- helpers
-def _check_vae(vae: Any) -> Any:
+def _check_vae(vae: VAE) -> Any:
     """The diagnostics read the VAE's family and prior: refuse anything else in one line."""
     if not (isinstance(vae, torch.nn.Module) and all(
         hasattr(vae, a) for a in ("family", "prior", "check_data")
@@ -229,11 +234,11 @@ def _check_vae(vae: Any) -> Any:
     return vae
 
 
-def _device(vae: Any) -> torch.device:
+def _device(vae: VAE) -> torch.device:
     return next(iter(vae.parameters()), torch.empty(0)).device
 
 
-def _batches(vae: Any, data: Any, batch_size: int, min_points: int = 1):
+def _batches(vae: VAE, data: Any, batch_size: int, min_points: int = 1):
     """Sequential ``(x, idx)`` batches of ``data`` on the model's device; checks the first."""
     dataset = as_dataset(data, "data")
     n = len(dataset)
@@ -268,7 +273,7 @@ def _factors(d: Any, latent_dim: int) -> Any:
     return None
 
 
-def _no_density_error(vae: Any, exc: Exception) -> ConfigError:
+def _no_density_error(vae: VAE, exc: Exception) -> ConfigError:
     return ConfigError(
         f"the family {type(vae.family).__name__} cannot evaluate q(z|x) at points it did not "
         f"sample ({type(exc).__name__}); the aggregate posterior needs a family with an inverse "
@@ -279,7 +284,7 @@ def _no_density_error(vae: Any, exc: Exception) -> ConfigError:
 # ---------------------------------------------------------------------- active units
 @torch.no_grad()
 def active_units(
-    vae: Any,
+    vae: VAE,
     data: Any,
     *,
     threshold: float = ACTIVE_THRESHOLD,
@@ -338,7 +343,7 @@ def active_units(
 # ---------------------------------------------------------------------- KL per dimension
 @torch.no_grad()
 def kl_per_dimension(
-    vae: Any,
+    vae: VAE,
     data: Any,
     *,
     num_samples: int = 100,
@@ -403,7 +408,7 @@ def kl_per_dimension(
 # ---------------------------------------------------------------------- aggregate posterior
 @torch.no_grad()
 def mutual_information(
-    vae: Any,
+    vae: VAE,
     data: Any,
     *,
     num_samples: int = 1,
@@ -507,7 +512,7 @@ def mutual_information(
 
 
 def _log_sum_others(
-    vae: Any,
+    vae: VAE,
     dataset: Any,
     group: torch.Tensor,
     z_all: torch.Tensor,
@@ -543,7 +548,7 @@ def _log_sum_others(
 
 # ---------------------------------------------------------------------- all three
 def diagnose(
-    vae: Any,
+    vae: VAE,
     data: Any,
     *,
     num_samples: int = 100,

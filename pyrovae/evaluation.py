@@ -28,6 +28,13 @@ A program's contract (what :class:`Program` checks, refusing anything else in on
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypeAlias
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from collections.abc import Callable
+
+    from .vae import VAE
+
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -62,6 +69,12 @@ _PARTICLES = "_pyrovae_particles"
 
 
 # ---------------------------------------------------------------------- results
+
+#: A Pyro model and guide, called as ``model(x)`` / ``guide(x)`` (or ``(x, idx)``).
+ModelGuide: TypeAlias = "tuple[Callable[..., Any], Callable[..., Any]]"
+#: What the estimators score: a :class:`~pyrovae.VAE` or any Pyro ``(model, guide)`` pair.
+Scorable: TypeAlias = "VAE | ModelGuide"
+
 def mean_stderr(values: torch.Tensor) -> tuple[float, float]:
     r"""Mean and standard error :math:`\mathrm{sd}(v)/\sqrt n` over the last dimension's entries.
 
@@ -271,7 +284,7 @@ class Program:
         model: Any,
         guide: Any,
         *,
-        vae: Any = None,
+        vae: VAE | None = None,
         modules: Any = (),
         takes_idx: bool = False,
     ) -> None:

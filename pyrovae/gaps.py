@@ -40,6 +40,11 @@ autoencoders. ICML.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .evaluation import Scorable
+
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -209,7 +214,7 @@ class GapResult(Estimate):
         )
 
 
-def _local_program(vae: Any, q: Callable[[], Any]) -> Program:
+def _local_program(vae: Scorable, q: Callable[[], Any]) -> Program:
     """The VAE's model with a guide that samples ``z`` from ``q()`` (private): scores any
     proposal against the model with the same machinery as the amortized guide."""
 
@@ -236,7 +241,7 @@ def _check_reparameterized(program: Program, x: torch.Tensor, idx: torch.Tensor)
             )
 
 
-def _check_family(vae: Any) -> Any:
+def _check_family(vae: Scorable) -> Any:
     if isinstance(vae, (tuple, list)):
         return None  # a plain pair: its guide's distribution parameters are optimized (_PairLocal)
     family = getattr(vae, "family", None)
@@ -272,7 +277,7 @@ def _start_params(family: Any, x: torch.Tensor, idx: torch.Tensor, lookup: bool)
 class _FamilyLocal:
     """Per-datapoint parameters of a pyrovae family: ``local_params`` / ``distribution_from_params``."""
 
-    def __init__(self, vae: Any, lookup: bool) -> None:
+    def __init__(self, vae: Scorable, lookup: bool) -> None:
         self.vae, self.lookup = vae, lookup
         self.name = type(vae.family).__name__
 
@@ -343,7 +348,7 @@ class _PairLocal:
 
 
 def _optimize_batch(
-    vae: Any,
+    vae: Scorable,
     x: torch.Tensor,
     idx: torch.Tensor,
     *,
@@ -420,7 +425,7 @@ def _optimize_batch(
 
 
 def optimal_elbo(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     *,
     num_elbo_samples: int = 1000,
@@ -473,7 +478,7 @@ def optimal_elbo(
 
 
 def _optimized_batches(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     *,
     num_steps: int = 2000,
@@ -564,7 +569,7 @@ def _mc_elbo(
 
 
 def gaps(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     *,
     num_samples: int = 5000,

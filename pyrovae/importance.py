@@ -49,6 +49,11 @@ References:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .evaluation import Scorable
+
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -395,7 +400,7 @@ def _estimate(cls: type, values: torch.Tensor, **extra: Any) -> Any:
 
 @torch.no_grad()
 def log_likelihood(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     num_samples: int = 1000,
     *,
@@ -483,7 +488,7 @@ def log_likelihood(
 
 @torch.no_grad()
 def iwae_bounds(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     num_samples: Sequence[int] = (1, 10, 100, 1000, 5000),
     *,
@@ -543,7 +548,7 @@ def iwae_bounds(
 
 @torch.no_grad()
 def elbo(
-    vae: Any,
+    vae: Scorable,
     data: Any,
     num_samples: int = 1,
     *,
