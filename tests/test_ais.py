@@ -25,6 +25,10 @@ from pyrovae import MLP, VAE, DiagonalNormal, Gaussian, MixtureOfGaussians
 from pyrovae.ais import AISResult, BDMCResult, ais, bdmc, sigmoid_schedule
 from pyrovae.errors import ConfigError
 from pyrovae.evaluation import Estimate
+from mixture_1d import LOCS, SCALES, TAU, WEIGHTS
+from mixture_1d import GaussianProposal as _GaussianProposal
+from mixture_1d import exact_log_px as _exact_log_px
+from mixture_1d import mixture_vae as _mixture_vae
 
 
 @pytest.fixture
@@ -77,45 +81,6 @@ def test_ais_is_reproducible_and_leaves_the_rng(lg):
 
 
 # ---------------------------------------------------------------------- the 1-D mixture
-WEIGHTS = torch.tensor([0.3, 0.7])
-LOCS = torch.tensor([-2.0, 1.5])
-SCALES = torch.tensor([0.5, 0.8])
-TAU = 0.4
-
-
-class _Identity1D(nn.Module):
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-
-class _GaussianProposal(nn.Module):
-    latent_dim = 1
-
-    def __init__(self, a: float, b: float, c: float) -> None:
-        super().__init__()
-        self.a, self.b, self.c = a, b, c
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        loc = self.a * x + self.b
-        return dist.Normal(loc, torch.full_like(loc, self.c)).to_event(1)
-
-
-def _mixture_vae(proposal: nn.Module) -> VAE:
-    prior = MixtureOfGaussians(1, 2).double()
-    with torch.no_grad():
-        prior.logits.copy_(WEIGHTS.log())
-        prior.locs.copy_(LOCS.view(2, 1))
-        scale = SCALES.view(2, 1) - prior.min_scale
-        prior.raw_scales.copy_(scale + torch.log(-torch.expm1(-scale)))  # inverse softplus
-    return VAE(prior, proposal, Gaussian(_Identity1D(), scale=TAU), num_data=100)
-
-
-def _mixture_log_px(x: torch.Tensor) -> torch.Tensor:
-    var = SCALES**2 + TAU**2
-    comp = dist.Normal(LOCS, var.sqrt()).log_prob(x.view(-1, 1)) + WEIGHTS.log()
-    return torch.logsumexp(comp, -1)
-
-
 @pytest.mark.parametrize("start", ["prior", "encoder"])
 def test_ais_matches_the_mixture_marginal(float64, one_thread, start):
     """Bimodal posteriors (x between the components): AIS from the prior, or from a narrow
@@ -123,7 +88,7 @@ def test_ais_matches_the_mixture_marginal(float64, one_thread, start):
     vae = _mixture_vae(_GaussianProposal(0.5, 0.3, 0.2))
     x = torch.tensor([-3.0, -2.0, -0.5, 0.0, 0.3, 1.0, 1.5, 3.0]).view(-1, 1)
     result = ais(vae, x, num_intermediate=200, num_chains=32, leapfrog_steps=5, start=start, seed=1)
-    _assert_matches(result, _mixture_log_px(x))
+    _assert_matches(result, _exact_log_px(x))
 
 
 # ---------------------------------------------------------------------- BDMC

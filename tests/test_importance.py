@@ -19,50 +19,10 @@ from torch import nn
 
 from pyrovae import VAE, Gaussian, MixtureOfGaussians, iwae_bounds, log_likelihood
 from pyrovae.errors import ImportanceSamplingWarning
-
-WEIGHTS = torch.tensor([0.3, 0.7])
-LOCS = torch.tensor([-2.0, 1.5])
-SCALES = torch.tensor([0.5, 0.8])
-TAU = 0.4
-
-
-class _Identity1D(nn.Module):
-    """The decoder mean f(z) = z (a 1-D feature from a 1-D latent)."""
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-
-class _GaussianProposal(nn.Module):
-    """q(z | x) = N(a x + b, c^2): a hand-set proposal meeting the family contract."""
-
-    latent_dim = 1
-
-    def __init__(self, a: float, b: float, c: float) -> None:
-        super().__init__()
-        self.a, self.b, self.c = a, b, c
-
-    def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dist.Distribution:
-        loc = self.a * x + self.b
-        return dist.Normal(loc, torch.full_like(loc, self.c)).to_event(1)
-
-
-def _mixture_vae(proposal: nn.Module) -> VAE:
-    prior = MixtureOfGaussians(1, 2).double()
-    with torch.no_grad():
-        prior.logits.copy_(WEIGHTS.log())
-        prior.locs.copy_(LOCS.view(2, 1))
-        scale = SCALES.view(2, 1) - prior.min_scale
-        prior.raw_scales.copy_(scale + torch.log(-torch.expm1(-scale)))  # inverse softplus
-    likelihood = Gaussian(_Identity1D(), scale=TAU)
-    return VAE(prior, proposal, likelihood, num_data=100)
-
-
-def _exact_log_px(x: torch.Tensor) -> torch.Tensor:
-    var = SCALES**2 + TAU**2
-    comp = dist.Normal(LOCS, var.sqrt()).log_prob(x.view(-1, 1)) + WEIGHTS.log()
-    return torch.logsumexp(comp, -1)
-
+from mixture_1d import LOCS, SCALES, TAU, WEIGHTS
+from mixture_1d import GaussianProposal as _GaussianProposal
+from mixture_1d import exact_log_px as _exact_log_px
+from mixture_1d import mixture_vae as _mixture_vae
 
 def _x() -> torch.Tensor:
     return torch.tensor([-3.0, -2.0, -0.5, 0.0, 0.3, 1.0, 1.5, 3.0]).view(-1, 1)
