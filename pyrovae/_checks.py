@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .vae import VAE
-
 import math
 import numbers
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
 
 
 def check_positive_int(value: Any, name: str) -> int:

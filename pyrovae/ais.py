@@ -53,11 +53,6 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .evaluation import Scorable
-
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +64,7 @@ from pyro.ops.integrator import velocity_verlet
 from ._checks import check_positive_float, check_positive_int
 from .errors import ConfigError
 from .evaluation import (
+    Scorable,
     DEFAULT_MAX_BYTES,
     Estimate,
     Program,

@@ -32,11 +32,6 @@ the one loading path, for the library and the CLI alike.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .vae import VAE
-
 import contextlib
 import dataclasses
 import errno
@@ -50,11 +45,14 @@ import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
 
 __all__ = [
     "CHECKPOINT_NAME",

@@ -22,11 +22,6 @@ printed ``--resume`` command to continue exactly; 130 interrupted by Ctrl-C.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .vae import VAE
-
 import argparse
 import dataclasses
 import json
@@ -34,11 +29,14 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, PyrovaeError
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
 
 __all__ = ["main", "build_parser"]
 

@@ -45,14 +45,9 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .vae import VAE
-
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyro.distributions as dist
 import torch
@@ -61,6 +56,9 @@ from ._batching import as_dataset
 from ._checks import check_positive_int
 from .errors import ConfigError, DataError
 from .evaluation import evaluating
+
+if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
+    from .vae import VAE
 
 __all__ = [
     "ActiveUnits",

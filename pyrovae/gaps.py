@@ -40,11 +40,6 @@ autoencoders. ICML.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .evaluation import Scorable
-
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +52,7 @@ import torch
 from ._checks import check_positive_float, check_positive_int
 from .errors import ConfigError
 from .evaluation import (
+    Scorable,
     DEFAULT_MAX_BYTES,
     Estimate,
     Program,

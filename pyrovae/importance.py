@@ -49,11 +49,6 @@ References:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from .evaluation import Scorable
-
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -66,6 +61,7 @@ import torch
 from ._checks import check_positive_int
 from .errors import ConfigError, ImportanceSamplingWarning
 from .evaluation import (
+    Scorable,
     DEFAULT_MAX_BYTES,
     Estimate,
     Program,
