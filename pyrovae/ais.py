@@ -71,6 +71,9 @@ from .evaluation import (
     check_budget,
     check_local,
     chunks,
+    gather_parts,
+    no_draws,
+    resolve_group,
     evaluating,
     frozen,
     mean_stderr,
@@ -380,6 +383,7 @@ def ais(
     seed: int | None = None,
     progress: bool = False,
     local: str | None = None,
+    process_group: Any = False,
 ) -> AISResult:
     r"""Estimate :math:`\log p(x)` of each datapoint by annealed importance sampling.
 
@@ -405,6 +409,10 @@ def ais(
     :param progress: show a progress bar.
     :param local: for a per-datapoint family with ``start="encoder"``: see
         :func:`pyrovae.log_likelihood` (``"fit"`` is not offered here: use ``start="prior"``).
+    :param process_group: ``False`` (default), ``True`` or a ``ProcessGroup``: split the
+        datapoints across the ranks and gather, as in :func:`pyrovae.log_likelihood` (each
+        datapoint's chains and step size are its own, so the values equal one process's for the
+        same ``seed``).
     :returns: an :class:`AISResult` (with the per-datapoint acceptance rates).
     """
     _check_options(num_intermediate, num_chains, leapfrog_steps, start, step_size)
@@ -413,11 +421,12 @@ def ais(
     max_bytes, _ = check_budget(max_bytes, None)
     if check_local(local) != "lookup" and start == "encoder":
         refuse_local(program, "ais with start='encoder'")
+    group = resolve_group(process_group, program)
     parts = []
     with evaluating(program.modules, seed), frozen(program.modules):
         for x, idx, _, _ in chunks(
             program, data, num_chains, max_bytes=max_bytes, progress=progress, desc="AIS",
-            need_guide=start == "encoder", factor=_AUTOGRAD_FACTOR,
+            need_guide=start == "encoder", factor=_AUTOGRAD_FACTOR, seed=seed, group=group,
         ):
             _check_density(program, x, idx, start)
             betas = sigmoid_schedule(num_intermediate)
@@ -426,19 +435,22 @@ def ais(
                         leapfrog_steps=leapfrog_steps, start=start, step_size=step_size,
                         target=target)
             )
-    log_w = torch.cat([p[0] for p in parts], 1)
+    dtype = program.dtype
+    log_w = gather_parts([p[0] for p in parts], group, 1, (num_chains, 0), dtype)
     return _result(
-        log_w, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]), 1.0,
+        log_w, gather_parts([p[1] for p in parts], group, 0, (0,), dtype),
+        gather_parts([p[2] for p in parts], group, 0, (0,), dtype), 1.0,
         num_intermediate=num_intermediate, leapfrog_steps=leapfrog_steps, start=start,
         direction="forward",
     )
+
 
 
 def _check_density(program: Program, x: torch.Tensor, idx: torch.Tensor, start: str) -> None:
     """Refuse a guide that cannot evaluate :math:`\\log q(z \\mid x)` at points it did not draw."""
     if start != "encoder" or getattr(program, "_density_checked", False):
         return
-    with torch.no_grad():
+    with torch.no_grad(), no_draws():  # the seeded draws of the batch are not shifted
         z = program.sample_latents(x[:1], idx[:1], 1, "prior")
         try:
             program.log_densities(x[:1], idx[:1], z, 1, with_guide=True)

@@ -318,48 +318,65 @@ def _local(vae: VAE) -> dict[str, Any]:
 
 
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
-                      check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4) -> dict:
+                      check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4,
+                      group: Any = None, per_datapoint: bool = False) -> dict:
     """Print and return the test ELBO, the importance-sampled log p(x) with its diagnostics, and
     (``check_points`` > 0) AIS on the first test points beside IS on the same points: how far
-    the IS figure can be trusted."""
+    the IS figure can be trusted. Under a process ``group`` every rank computes its share and
+    rank 0 alone prints."""
+    from . import distributed
     from .importance import elbo, log_likelihood
 
-    local = _local(vae)
+    say = _printer(group)  # rank 0 speaks for all
+    local = {**_local(vae), "process_group": group or False}
     t0 = time.perf_counter()
     test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress, **local)
     ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress, **local)
     seconds = time.perf_counter() - t0
-    print(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
-          f"(10 samples per datapoint, n={len(test_elbo.values)})")
-    print(f"test log-likelihood  {ll.mean:9.2f} ± {ll.stderr:.2f} nats "
-          f"(importance sampling, K={ll.num_samples}, n={len(ll.values)})")
+    say(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
+        f"(10 samples per datapoint, n={len(test_elbo.values)})")
+    say(f"test log-likelihood  {ll.mean:9.2f} ± {ll.stderr:.2f} nats "
+        f"(importance sampling, K={ll.num_samples}, n={len(ll.values)})")
     for result in (test_elbo, ll):
         why = result.why_not_finite()
         if why:
-            print(f"  not finite: {why}")
+            say(f"  not finite: {why}")
     reliability = ll.reliability()
     if reliability:
-        print(f"importance weights: {reliability}")
+        say(f"importance weights: {reliability}")
     metrics: dict[str, Any] = {
         "test_elbo": {**test_elbo.to_dict(), "num_samples": 10},
-        "test_log_likelihood": ll.to_dict(),
+        "test_log_likelihood": ll.to_dict(per_datapoint),
         "evaluation_seconds": seconds,
     }
+    if group is not None:
+        metrics["processes"] = distributed.world_size(group)
     if check_points:
         metrics["ais_check"] = _ais_check(vae, test, ll, check_points, ais_steps, ais_chains,
-                                          seed, progress)
+                                          seed, progress, group)
     return metrics
 
 
+def _printer(group: Any) -> Any:
+    """``print`` on rank 0 (or in a single process), a no-op on the other ranks."""
+    from . import distributed
+
+    if group is None or distributed.is_main(group):
+        return print
+    return lambda *args, **kwargs: None
+
+
 def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: int, seed: int,
-               progress: bool) -> dict:
+               progress: bool, group: Any = None) -> dict:
     """AIS on the first ``points`` test datapoints beside IS's values on the same points."""
     from .ais import ais
 
+    say = _printer(group)  # rank 0 speaks for all
     n = min(points, len(ll.values))
     t0 = time.perf_counter()
     a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n], num_intermediate=steps,
-            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_local(vae))
+            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_local(vae),
+            process_group=group or False)
     diff = a.values - ll.values[:n]
     finite = torch.isfinite(diff)
     d = float(diff[finite].mean()) if bool(finite.any()) else float("nan")
@@ -376,9 +393,9 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     else:
         verdict = (f"IS and AIS agree within {abs(d):.2f} ± {se:.2f} nats on these points: "
                    "the IS figure can be trusted to about that")
-    print(f"AIS check on the first {n} test points (T={steps}, {chains} chains, acceptance "
-          f"{float(a.acceptance.mean()):.2f}): AIS {a.mean:.2f}, IS {float(ll.values[:n].mean()):.2f}; "
-          f"{verdict}")
+    say(f"AIS check on the first {n} test points (T={steps}, {chains} chains, acceptance "
+        f"{float(a.acceptance.mean()):.2f}): AIS {a.mean:.2f}, IS {float(ll.values[:n].mean()):.2f}; "
+        f"{verdict}")
     return {"num_datapoints": n, "num_intermediate": steps, "num_chains": chains,
             "ais": a.to_dict(), "is_mean_same_points": float(ll.values[:n].mean()),
             "ais_minus_is": {"mean": d, "stderr": se}, "verdict": verdict,
@@ -516,12 +533,17 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     """``pyrovae train``; under ``torchrun`` every process runs it, rank 0 alone writes and
-    prints, and the process group is closed at the end."""
+    prints."""
+    return _in_process_group(_train_run, args)
+
+
+def _in_process_group(run: Any, args: argparse.Namespace) -> int:
+    """``run(args)``, closing at the end the process group that it started (under ``torchrun``)."""
     import torch.distributed as tdist
 
     started = not (tdist.is_available() and tdist.is_initialized())
     try:
-        return _train_run(args)
+        return run(args)
     finally:
         if started and tdist.is_available() and tdist.is_initialized():
             tdist.destroy_process_group()
@@ -641,13 +663,13 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
             raise CheckpointError(f"{e}: {_resume_command(out, world)}") from None
         raise
     train_seconds = time.perf_counter() - t0
-    if not main:  # rank 0 evaluates and writes the results
-        return 0
-
+    # Every rank scores its share of the test points; rank 0 prints and writes the results.
     test = _fixed_test_set(test, args.eval_points, args.seed)
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
                                 not args.no_progress, check_points=args.check_points,
-                                ais_steps=args.ais_steps, ais_chains=args.ais_chains)
+                                ais_steps=args.ais_steps, ais_chains=args.ais_chains, group=group)
+    if not main:
+        return 0
     metrics.update(
         dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
         loss=args.loss, num_particles=args.num_particles, gradient=args.gradient, beta=args.beta,
@@ -729,17 +751,27 @@ def _unused_path(path: Path) -> Path:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    """``pyrovae evaluate``; under ``torchrun`` the ranks split the test points (the values equal
+    one process's for the same seed), rank 0 alone prints and writes."""
+    return _in_process_group(_evaluate_run, args)
+
+
+def _evaluate_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .checkpoint import load_model
 
     _check_numbers(args)
     options = _run_options(args.run, "evaluate")
-    device = _device(args.device)
+    device = distributed.local_device(_device(args.device))
+    group = distributed.process_group(None, device)
+    say = _printer(group)
     vae = load_model(args.run, device=device)
     test = _load(options["dataset"], args.split, args.data_root or options.get("data_root"),
                  options.get("binarize"))
     test = _fixed_test_set(test, args.eval_points, args.seed).to(device)
-    print(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points, "
-          f"{args.estimator})")
+    processes = f", {distributed.world_size(group)} processes" if group is not None else ""
+    say(f"pyrovae evaluate: {args.run} on {options['dataset']} {args.split} ({len(test)} points, "
+        f"{args.estimator}{processes})")
     progress = not args.no_progress
     if args.estimator == "ais":
         from .ais import ais
@@ -747,27 +779,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = ais(vae, test, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
                      leapfrog_steps=args.leapfrog_steps, seed=args.seed, progress=progress,
-                     **_local(vae))
-        print(f"test log-likelihood  {result.mean:9.2f} ± {result.stderr:.2f} nats (AIS, "
-              f"T={args.ais_steps}, {args.ais_chains} chains, {args.leapfrog_steps} leapfrog "
-              f"steps, acceptance {float(result.acceptance.mean()):.2f}, n={len(result.values)})")
+                     **_local(vae), process_group=group or False)
+        say(f"test log-likelihood  {result.mean:9.2f} ± {result.stderr:.2f} nats (AIS, "
+            f"T={args.ais_steps}, {args.ais_chains} chains, {args.leapfrog_steps} leapfrog "
+            f"steps, acceptance {float(result.acceptance.mean()):.2f}, n={len(result.values)})")
         why = result.why_not_finite()
         if why:
-            print(f"  not finite: {why}")
+            say(f"  not finite: {why}")
         metrics = {"test_log_likelihood": result.to_dict(args.per_datapoint),
                    "evaluation_seconds": time.perf_counter() - t0}
         name = f"evaluation-{args.split}-ais-T{args.ais_steps}"
     else:
         metrics = _report_estimates(vae, test, args.num_samples, args.seed, progress,
                                     check_points=args.check_points, ais_steps=args.ais_steps,
-                                    ais_chains=args.ais_chains)
-        if args.per_datapoint:
-            from .importance import log_likelihood
-
-            ll = log_likelihood(vae, test, num_samples=args.num_samples, seed=args.seed,
-                                **_local(vae))
-            metrics["test_log_likelihood"] = ll.to_dict(per_datapoint=True)
+                                    ais_chains=args.ais_chains, group=group,
+                                    per_datapoint=args.per_datapoint)
         name = f"evaluation-{args.split}-is-K{args.num_samples}"
+    if group is not None and not distributed.is_main(group):
+        return 0
     metrics.update(estimator=args.estimator, split=args.split, seed=args.seed,
                    eval_points=len(test), versions=_versions())
     path = _unused_path(args.run / f"{name}.{args.format}")

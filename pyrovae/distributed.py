@@ -20,13 +20,15 @@ So ``batch_size`` is the global batch: ``W`` processes with ``batch_size=128`` f
 trajectory (up to float rounding and the latent noise each rank draws) as one process with
 ``batch_size=128``, each rank computing about ``128 / W`` rows per step.
 
-**Evaluation** splits datapoints the same way. An estimator that returns one value per datapoint
-(log p(x), the ELBO, k-hat, ...) runs on ``data[shard_indices(len(data))]`` on each rank and
-gathers with :func:`all_gather_values`; the result is in the original datapoint order on every
-rank. For values identical to a single-process run under a fixed seed, the draws of datapoint
-``i`` must not depend on which other datapoints share its call: seed per datapoint block (e.g. a
-generator seeded by ``(seed, i)``, or fixed-size chunks aligned to multiples of the chunk size
-in the *global* index), not one global stream consumed in order. Sketch::
+**Evaluation** splits datapoints across the ranks: :func:`pyrovae.log_likelihood`,
+:func:`pyrovae.elbo`, :func:`pyrovae.iwae_bounds` and :func:`pyrovae.ais` take
+``process_group=True`` (or a group); every rank calls them with the same arguments, scores its
+own contiguous run of the estimator's batches and gathers the per-datapoint values
+(:func:`all_gather_cat`), so every rank returns the whole result. Each batch's draws are seeded
+by ``(seed, batch)`` (:func:`pyrovae.evaluation.batch_seed`), so for a fixed ``seed`` the values
+are exactly those of one process, whatever the number of ranks. ``pyrovae evaluate`` and the
+evaluation at the end of ``pyrovae train`` do this under ``torchrun``. For an estimator of your
+own, :func:`shard_indices` and :func:`all_gather_values` split and gather by datapoint::
 
     from pyrovae import distributed as dist
     idx = dist.shard_indices(len(data))              # this rank's datapoints (contiguous)
@@ -54,6 +56,8 @@ __all__ = [
     "shard",
     "shard_indices",
     "all_gather_values",
+    "all_gather_cat",
+    "all_reduce_int",
     "local_device",
 ]
 
@@ -158,6 +162,45 @@ def all_gather_values(local: torch.Tensor, num_datapoints: int, group: Any = Non
     parts = [torch.empty_like(padded) for _ in range(w)]
     tdist.all_gather(parts, padded.contiguous(), group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def _comm_device(group: Any) -> torch.device:
+    """Where ``group``'s collectives take their tensors: the current GPU for NCCL, else the CPU."""
+    if tdist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_cat(local: torch.Tensor, group: Any = None, dim: int = 0) -> torch.Tensor:
+    """Concatenate every rank's ``local`` along ``dim``, in rank order, on every rank.
+
+    The ranks' sizes along ``dim`` may differ (even be zero); the other dimensions must agree.
+    The result is on ``local``'s device. Outside a process group: ``local`` itself.
+    """
+    w = world_size(group)
+    if w == 1:
+        return local
+    comm = _comm_device(group)
+    moved = local.movedim(dim, 0).contiguous().to(comm)
+    size = torch.tensor([moved.shape[0]], device=comm)
+    sizes = [torch.zeros_like(size) for _ in range(w)]
+    tdist.all_gather(sizes, size, group=group)
+    counts = [int(s) for s in sizes]
+    padded = moved.new_zeros((max(counts), *moved.shape[1:]))
+    padded[: moved.shape[0]] = moved
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    tdist.all_gather(parts, padded, group=group)
+    out = torch.cat([p[:c] for p, c in zip(parts, counts)])
+    return out.movedim(0, dim).to(local.device)
+
+
+def all_reduce_int(value: int, group: Any = None) -> int:
+    """The sum of every rank's ``value`` (``value`` itself outside a process group)."""
+    if world_size(group) == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device(group))
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
+    return int(t)
 
 
 def _all_reduce_sum(flat: torch.Tensor, group: Any) -> None:

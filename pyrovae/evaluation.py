@@ -50,7 +50,11 @@ from ._batching import IndexedTensor, as_dataset
 from ._checks import check_positive_int, check_seed, to_device
 from .errors import ConfigError, DataError
 
-__all__ = ["Estimate", "Program", "evaluating", "chunks", "mean_stderr", "DEFAULT_MAX_BYTES"]
+__all__ = [
+    "Estimate", "Program", "evaluating", "chunks", "batch_seed", "gather", "gather_parts",
+    "resolve_group",
+    "mean_stderr", "DEFAULT_MAX_BYTES",
+]
 
 #: Default memory budget of one decoder call (bytes of the distributions' tensors, times
 #: :data:`_WORKSPACE_FACTOR` for the temporaries that ``log_prob`` and autograd create).
@@ -207,6 +211,13 @@ class evaluating:
             self._fork.__exit__(*exc)
 
 
+def no_draws() -> Any:
+    """A context in which draws do not advance the RNG (the CPU's and the current GPU's are
+    forked): a probe or a check that must not shift the estimators' seeded draws."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 class frozen:
     """Set ``requires_grad=False`` on the modules' parameters (e.g. a decoder held fixed while
     latents or local parameters are optimized); restore on exit."""
@@ -340,6 +351,15 @@ class Program:
         family = self.family
         return family is None or bool(getattr(family, "amortized", True))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype of the program's parameters (the default dtype if it has none)."""
+        for m in self.modules:
+            for t in m.parameters():
+                if t.is_floating_point():
+                    return t.dtype
+        return torch.get_default_dtype()
+
     def device(self, data: torch.Tensor | None = None) -> torch.device:
         for m in self.modules:
             for t in m.parameters():
@@ -401,8 +421,7 @@ class Program:
         if self.analyzed:
             return self
         batch = int(x.shape[0])
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with no_draws(), torch.no_grad():
             try:
                 guide_trace, model_trace = self._traces(x, idx, None, run_guide=need_guide)
             except (ConfigError, DataError):
@@ -579,6 +598,52 @@ def check_budget(max_bytes: Any, max_rows: Any) -> tuple[int, int | None]:
     return max_bytes, max_rows
 
 
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch``'s draws under the estimators' ``seed``: ``seed`` itself for
+    the first batch, and a distinct 64-bit seed per later batch (golden-ratio increments)."""
+    return (seed + batch * 0x9E3779B97F4A7C15) % 2**64
+
+
+def resolve_group(process_group: Any, program: Program | None = None, local: str | None = None) -> Any:
+    """The process group an estimator splits its datapoints over, or ``None`` (one process).
+
+    ``False`` / ``None``: none; ``True``: the default group (initialized from the ``torchrun``
+    environment if needed); a ``ProcessGroup``: that group. A non-amortized family with
+    ``local="fit"`` is not split: every rank fits and scores every datapoint.
+    """
+    if process_group is None or process_group is False:
+        return None
+    from . import distributed
+
+    group = distributed.process_group(
+        True if process_group is True else process_group,
+        None if program is None else program.device(),
+    )
+    if group is None or distributed.world_size(group) == 1:
+        return None
+    if program is not None and not program.amortized and local == "fit":
+        return None
+    return group
+
+
+def gather(values: torch.Tensor, group: Any, dim: int = 0) -> torch.Tensor:
+    """Every rank's per-datapoint ``values`` (along ``dim``), in datapoint order."""
+    if group is None:
+        return values
+    from . import distributed
+
+    return distributed.all_gather_cat(values, group, dim)
+
+
+def gather_parts(parts: list[torch.Tensor], group: Any, dim: int = 0, empty: tuple = (0,),
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+    """This rank's per-batch parts concatenated along ``dim`` (on the CPU), then gathered over
+    ``group`` (if any); a rank with no batches contributes an ``empty``-shaped tensor of
+    ``dtype`` (the program's: every rank must send the same dtype)."""
+    local = torch.cat([p.cpu() for p in parts], dim) if parts else torch.empty(empty, dtype=dtype)
+    return gather(local, group, dim)
+
+
 def chunks(
     program: Program,
     data: Any,
@@ -590,38 +655,52 @@ def chunks(
     desc: str = "",
     need_guide: bool = True,
     factor: int = 1,
+    seed: int | None = None,
+    group: Any = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, int]]:
     """Yield ``(x, idx, particles_per_chunk, rows)`` covering ``data`` in order, each batch on
     the program's device, at most ``rows`` rows of ``num_samples`` draws per decoder call.
 
-    The first batch is checked (``vae.check_data``) and probed (:meth:`Program.analyze`) before
-    any draw; with ``K`` draws per datapoint a batch holds ``max(1, rows // K)`` datapoints and
-    the draws go ``min(K, rows)`` at a time (the chunking the estimators have always used, with
-    ``rows`` from the byte budget).
+    The first datapoints are checked (``vae.check_data``) and probed (:meth:`Program.analyze`)
+    before any draw; with ``K`` draws per datapoint a batch holds ``max(1, rows // K)``
+    datapoints and the draws go ``min(K, rows)`` at a time (``rows`` from the byte budget).
+
+    With ``seed``, batch ``b``'s draws are seeded by :func:`batch_seed` ``(seed, b)``: a
+    datapoint's draws depend on the seed and on its batch, not on what ran before. With a
+    process ``group`` of ``W`` ranks, the batches are split into ``W`` contiguous runs
+    (:func:`pyrovae.distributed.shard`) and each rank yields its own; concatenating the ranks'
+    values in rank order (:func:`gather`) gives exactly the single-process values.
     """
     dataset = program.dataset(data)
     n = len(dataset)  # type: ignore[arg-type]
     x0, idx0 = dataset[torch.arange(0, min(n, 8))]
     device = program.device(torch.as_tensor(x0))
+    x0 = to_device(torch.as_tensor(x0), device)
+    idx0 = torch.as_tensor(idx0).to(device)
+    program.check_data(x0)
+    program.analyze(x0, idx0, need_guide=need_guide)
+    rows = rows_per_chunk(program, max_bytes, max_rows, factor)
+    points = max(1, rows // num_samples)
+    batches = torch.arange(math.ceil(n / points))
+    main = True
+    if group is not None:
+        from . import distributed
+
+        batches = distributed.shard(batches, distributed.rank(group), distributed.world_size(group))
+        main = distributed.is_main(group)
+    total = sum(min(points, n - int(b) * points) for b in batches)
     from tqdm.auto import tqdm
 
-    rows = None
-    start = 0
-    with tqdm(total=n, desc=desc, unit="pt", disable=not progress, leave=False) as bar:
-        while start < n:
-            if rows is None:
-                x0 = to_device(torch.as_tensor(x0), device)
-                idx0 = torch.as_tensor(idx0).to(device)
-                program.check_data(x0)
-                program.analyze(x0, idx0, need_guide=need_guide)
-                rows = rows_per_chunk(program, max_bytes, max_rows, factor)
-            points = max(1, rows // num_samples)
+    with tqdm(total=total, desc=desc, unit="pt", disable=not (progress and main), leave=False) as bar:
+        for b in batches.tolist():
+            start = b * points
             x, idx = dataset[torch.arange(start, min(start + points, n))]
             x = to_device(torch.as_tensor(x), device)
             idx = torch.as_tensor(idx).to(device)
+            if seed is not None:
+                torch.manual_seed(batch_seed(seed, b))
             yield x, idx, min(num_samples, rows), rows
             bar.update(int(x.shape[0]))
-            start += points
 
 
 def refuse_local(program: Program, what: str) -> None:

@@ -67,6 +67,8 @@ from .evaluation import (
     Program,
     check_budget,
     check_local,
+    gather_parts,
+    resolve_group,
     chunks,
     evaluating,
     mean_stderr,
@@ -359,8 +361,11 @@ def _weight_batches(
     desc: str,
     local: str | None,
     local_options: dict[str, Any] | None = None,
+    seed: int | None = None,
+    group: Any = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the log-weights ``(num_samples, batch)`` of consecutive batches covering ``data``."""
+    """Yield the log-weights ``(num_samples, batch)`` of consecutive batches covering ``data``
+    (this rank's batches under a process ``group``)."""
     if not program.amortized and local == "fit":
         from .gaps import _fitted_programs
 
@@ -372,7 +377,7 @@ def _weight_batches(
         refuse_local(program, desc)
     for x, idx, per_chunk, _ in chunks(
         program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows, progress=progress,
-        desc=desc,
+        desc=desc, seed=seed, group=group,
     ):
         parts = []
         for k0 in range(0, num_samples, per_chunk):
@@ -386,6 +391,14 @@ def _draw(program: Program, x: torch.Tensor, idx: torch.Tensor, num_samples: int
     for k0 in range(0, num_samples, per_chunk):
         parts.append(program.log_weights(x, idx, min(per_chunk, num_samples - k0)))
     return torch.cat(parts, 0)
+
+
+def _sum(count: int, group: Any) -> int:
+    if group is None:
+        return count
+    from .distributed import all_reduce_int
+
+    return all_reduce_int(count, group)
 
 
 def _estimate(cls: type, values: torch.Tensor, **extra: Any) -> Any:
@@ -407,6 +420,7 @@ def log_likelihood(
     diagnostics: bool = True,
     warn_share: float = 0.01,
     local: str | None = None,
+    process_group: Any = False,
 ) -> LogLikelihood:
     r"""Estimate :math:`\log p(x)` of each datapoint by importance sampling with ``K`` draws.
 
@@ -427,7 +441,9 @@ def log_likelihood(
         (measured per row on a probe; default 256 MiB).
     :param max_rows: optional cap on rows (draws x datapoints) per decoder call (default 2048,
         a CPU decoder's sweet spot).
-    :param seed: if given, the draws are reproducible (the global RNG is left as it was).
+    :param seed: if given, the draws are reproducible (the global RNG is left as it was): each
+        batch of datapoints is seeded by ``(seed, batch)``, so the values do not depend on how
+        many processes share the work.
     :param progress: show a progress bar.
     :param diagnostics: also compute each datapoint's PSIS :math:`\hat k` and ESS (see
         :func:`psis_khat`, :func:`effective_sample_size`; cheap: ``arviz.psislw`` takes ~0.35 s
@@ -440,28 +456,38 @@ def log_likelihood(
         :math:`q^*` in :func:`pyrovae.gaps`) and uses them as the proposal; ``"lookup"`` uses the
         stored parameters of the data's indices (only for the very data the family was fitted
         on); ``None`` (default) refuses such a family.
+    :param process_group: ``False`` (default): this process scores every datapoint. ``True``
+        (the default group, e.g. under ``torchrun``) or a ``ProcessGroup``: the batches of
+        datapoints are split across the ranks and the per-datapoint values gathered, so every
+        rank returns the whole result, identical to one process's for the same ``seed``; every
+        rank must call with the same arguments (see :mod:`pyrovae.distributed`).
     :returns: a :class:`LogLikelihood` (with ``khat`` and ``ess`` when ``diagnostics``).
     """
     program = Program.resolve(vae, "vae")
     num_samples = check_positive_int(num_samples, "num_samples")
     max_bytes, max_rows = check_budget(max_bytes, max_rows)
     local = check_local(local)
+    group = resolve_group(process_group, program, local)
     values, khats, esss = [], [], []
     nonfinite = 0
     with evaluating(program.modules, seed):
         for w in _weight_batches(
             program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
-            progress=progress, desc="log p(x)", local=local,
+            progress=progress, desc="log p(x)", local=local, seed=seed, group=group,
         ):
             values.append(torch.logsumexp(w, 0) - math.log(num_samples))
             nonfinite += int((~torch.isfinite(w)).any(0).sum())
             if diagnostics:
                 khats.append(psis_khat(w).cpu())
                 esss.append(effective_sample_size(w).cpu())
-    extra: dict[str, Any] = {"num_samples": num_samples, "num_nonfinite_weights": nonfinite}
+    extra: dict[str, Any] = {
+        "num_samples": num_samples,
+        "num_nonfinite_weights": _sum(nonfinite, group),
+    }
     if diagnostics:
-        extra.update(khat=torch.cat(khats), ess=torch.cat(esss))
-    result = _estimate(LogLikelihood, torch.cat(values), **extra)
+        extra.update(khat=gather_parts(khats, group, dtype=program.dtype),
+                     ess=gather_parts(esss, group, dtype=program.dtype))
+    result = _estimate(LogLikelihood, gather_parts(values, group, dtype=program.dtype), **extra)
     share = result.unreliable_share
     if diagnostics and not math.isnan(share) and share > warn_share:
         warnings.warn(
@@ -493,6 +519,7 @@ def iwae_bounds(
     seed: int | None = None,
     progress: bool = False,
     local: str | None = None,
+    process_group: Any = False,
 ) -> IWAEBounds:
     r"""IWAE bounds :math:`L_K` of each datapoint for several ``K`` in one pass.
 
@@ -520,16 +547,17 @@ def iwae_bounds(
     program = Program.resolve(vae, "vae")
     max_bytes, max_rows = check_budget(max_bytes, max_rows)
     local = check_local(local)
+    group = resolve_group(process_group, program, local)
     columns = []
     with evaluating(program.modules, seed):
         for w in _weight_batches(
             program, data, ks[-1], max_bytes=max_bytes, max_rows=max_rows, progress=progress,
-            desc="IWAE bounds", local=local,
+            desc="IWAE bounds", local=local, seed=seed, group=group,
         ):
             columns.append(
                 torch.stack([torch.logsumexp(w[:k], 0) - math.log(k) for k in ks]).cpu()
             )
-    values = torch.cat(columns, 1)
+    values = gather_parts(columns, group, dim=1, empty=(len(ks), 0), dtype=program.dtype)
     n = values.shape[1]
     stderrs = (
         values.std(1, unbiased=True) / math.sqrt(n)
@@ -553,6 +581,7 @@ def elbo(
     seed: int | None = None,
     progress: bool = False,
     local: str | None = None,
+    process_group: Any = False,
 ) -> LogLikelihood:
     r"""Monte Carlo estimate of each datapoint's ELBO, :math:`\frac1K \sum_k w_k`.
 
@@ -567,15 +596,17 @@ def elbo(
     num_samples = check_positive_int(num_samples, "num_samples")
     max_bytes, max_rows = check_budget(max_bytes, max_rows)
     local = check_local(local)
+    group = resolve_group(process_group, program, local)
     nonfinite = 0
     parts = []
     with evaluating(program.modules, seed):
         for w in _weight_batches(
             program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
-            progress=progress, desc="ELBO", local=local,
+            progress=progress, desc="ELBO", local=local, seed=seed, group=group,
         ):
             parts.append(w.mean(0))
             nonfinite += int((~torch.isfinite(w)).any(0).sum())
     return _estimate(
-        LogLikelihood, torch.cat(parts), num_samples=num_samples, num_nonfinite_weights=nonfinite
+        LogLikelihood, gather_parts(parts, group, dtype=program.dtype), num_samples=num_samples,
+        num_nonfinite_weights=_sum(nonfinite, group),
     )

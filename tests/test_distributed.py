@@ -29,6 +29,23 @@ REPO = Path(__file__).resolve().parents[1]
 N, D, BATCH = 91, 10, 16  # the last global minibatch has 11 rows: shards of 6 and 5
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+#: Evaluations run on 2 ranks (process_group=True) and in one process; several batches each
+#: (split unevenly between the ranks), and one batch (rank 1 has none).
+EVALUATIONS = r"""
+import pyrovae
+EVALUATIONS = {
+    "log_likelihood": lambda vae, x, **kw: pyrovae.log_likelihood(
+        vae, x, 30, max_rows=64, seed=5, **kw),
+    "elbo": lambda vae, x, **kw: pyrovae.elbo(vae, x, 3, max_rows=16, seed=5, **kw),
+    "iwae_bounds": lambda vae, x, **kw: pyrovae.iwae_bounds(
+        vae, x, (1, 10), max_rows=64, seed=5, **kw),
+    "ais": lambda vae, x, **kw: pyrovae.ais(
+        vae, x[:9], num_intermediate=10, num_chains=3, leapfrog_steps=2, max_bytes=2**14, seed=5,
+        **kw),
+    "one_batch": lambda vae, x, **kw: pyrovae.log_likelihood(vae, x[:3], 30, seed=5, **kw),
+}
+"""
+
 COMMON = r"""
 import os, sys, json
 import torch
@@ -53,7 +70,7 @@ def save(vae, name):
     torch.save(vae.state_dict(), os.path.join(out, f"{name}-rank{rank}.pt"))
 """
 
-TRAIN = COMMON + r"""
+TRAIN = COMMON + EVALUATIONS + r"""
 # 1. Same global minibatches as one process; no latent noise, so the gradients correspond.
 td.Normal.rsample = no_noise
 vae = model()
@@ -76,6 +93,14 @@ save(vae, "resumed")
 idx = distributed.shard_indices(N)
 values = distributed.all_gather_values(torch.stack([idx * 2.0, -idx * 1.0], -1), N)
 torch.save(values, os.path.join(out, f"gathered-rank{rank}.pt"))
+# 4. Distributed evaluation of the resumed model: each rank scores its batches, then gathers.
+import warnings
+warnings.simplefilter("ignore")
+torch.manual_seed(200 + rank)  # the ranks' global RNGs differ; the seeded values must not
+evaluated = {
+    name: fn(vae, data, process_group=True).values for name, fn in EVALUATIONS.items()
+}
+torch.save(evaluated, os.path.join(out, f"evaluated-rank{rank}.pt"))
 json.dump({"history": h.to_dict(), "world": distributed.world_size()},
           open(os.path.join(out, f"info-rank{rank}.json"), "w"))
 """
@@ -183,6 +208,44 @@ def test_cli_under_torchrun_writes_one_run_folder(tmp_path: Path) -> None:
     assert result.stdout.count("run folder:") == 1 and "processes=2" in result.stdout
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["history"]["num_steps"] == 54  # global minibatches of 100, as one process
+    assert metrics["processes"] == 2  # the test points were scored by both ranks
+
+    # `pyrovae evaluate` under torchrun: one result file, the very per-datapoint values of one
+    # process (the ranks split the batches; each batch is seeded by (seed, batch)).
+    options = ["evaluate", str(runs[0]), "--eval-points", "40", "--num-samples", "30",
+               "--per-datapoint", "--no-progress"]
+    result = _torchrun(tmp_path, "", *options, cwd=tmp_path)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert result.stdout.count("wrote ") == 1 and "2 processes" in result.stdout
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "pyrovae", *options], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two, one = (json.loads((runs[0] / name).read_text())["test_log_likelihood"]
+                for name in ("evaluation-test-is-K30.json", "evaluation-test-is-K30-2.json"))
+    assert len(one["per_datapoint"]["values"]) == 40
+    assert two["per_datapoint"] == one["per_datapoint"]
+
+
+def test_distributed_evaluation_equals_one_process(two_ranks: Path) -> None:
+    """log_likelihood, elbo, iwae_bounds and ais with process_group=True on 2 ranks return, on
+    both ranks, exactly the per-datapoint values of one process for the same seed: the ranks
+    score disjoint runs of batches, each batch seeded by (seed, batch), and gather in order
+    (also when one rank has no batch at all)."""
+    namespace: dict = {}
+    exec(EVALUATIONS, namespace)
+    vae = _model()
+    vae.load_state_dict(torch.load(two_ranks / "resumed-rank0.pt", weights_only=True))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = {name: fn(vae, _data()).values for name, fn in namespace["EVALUATIONS"].items()}
+    assert expected["ais"].shape == (9,) and expected["log_likelihood"].shape == (N,)
+    for r in (0, 1):
+        got = torch.load(two_ranks / f"evaluated-rank{r}.pt", weights_only=True)
+        for name, values in expected.items():
+            assert torch.equal(got[name], values), (r, name)
 
 
 # ------------------------------------------------------------------------- single-process helpers
