@@ -150,6 +150,9 @@ class Objective:
     :ivar beta: the KL weight after warm-up.
     :ivar kl_warmup_epochs: epochs of linear warm-up, 0 for none.
     :ivar name: what the loss estimates, for :attr:`History.objective`.
+    :ivar direct: for the default ``Trace_ELBO()`` (one particle) on a :class:`~pyrovae.VAE`
+        that runs its own program, :meth:`~pyrovae.VAE.trace_elbo_loss`: the same loss and
+        gradient evaluated from the parts' distributions without Pyro's tracing; else ``None``.
     """
 
     loss: Any
@@ -158,6 +161,7 @@ class Objective:
     beta: float = 1.0
     kl_warmup_epochs: float = 0.0
     name: str = "elbo"
+    direct: Callable[..., Any] | None = None
 
     def kl_weight(self, progress: float) -> float:
         """The KL weight after ``progress`` epochs (> 0: a zero scale is refused by Pyro)."""
@@ -202,12 +206,17 @@ def _set_plate_nesting(loss: Any, data_plates: int) -> None:
     loss.max_plate_nesting = data_plates + (counts_particles and loss.num_particles > 1)
 
 
-def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0) -> Objective:
+def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0,
+              traced: bool = False) -> Objective:
     """The :class:`Objective` for training ``vae`` with ``loss`` (default ``Trace_ELBO()``).
 
     A vectorized loss whose ``max_plate_nesting`` is unset gets the VAE's (one ``"data"`` plate,
     plus one for the vectorized particles), so Pyro need not guess it by running the model,
     which would draw from the global RNG at the first step.
+
+    With ``Trace_ELBO()`` (one particle) on a :class:`~pyrovae.VAE` running its own program, the
+    step evaluates the same loss without Pyro's tracing (:meth:`~pyrovae.VAE.trace_elbo_loss`;
+    same value, gradient and draws); ``traced=True`` runs Pyro's ``Trace_ELBO`` instead.
     """
     if loss is None:
         loss = Trace_ELBO()
@@ -228,8 +237,22 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
     if registers is None:
         registers = _is_jit(loss) or not hasattr(loss, "differentiable_loss")
     model, guide = (vae.model, vae.guide) if registers else (vae._model, vae._guide)
+    direct = vae.trace_elbo_loss if traced is False and _direct_applies(vae, loss) else None
     return Objective(loss, model, guide, float(beta), float(kl_warmup_epochs),
-                     _objective_name(loss, float(beta), float(kl_warmup_epochs)))
+                     _objective_name(loss, float(beta), float(kl_warmup_epochs)), direct)
+
+
+def _direct_applies(vae: Any, loss: Any) -> bool:
+    """Whether ``loss`` on ``vae`` is exactly what :meth:`VAE.trace_elbo_loss` evaluates: Pyro's
+    own ``Trace_ELBO`` (not a subclass) with one particle, on a VAE running its own program."""
+    from .vae import VAE
+
+    return (
+        type(loss) is Trace_ELBO
+        and loss.num_particles == 1
+        and isinstance(vae, VAE)
+        and vae.runs_own_program()
+    )
 
 
 # ---------------------------------------------------------------------------------- train state
@@ -465,7 +488,12 @@ def train_step(
     if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
         value = torch.zeros((), dtype=torch.float64, device=device)
     elif hasattr(loss, "differentiable_loss"):
-        value_t = loss.differentiable_loss(objective.model, objective.guide, x, idx, kl_weight=kl_weight)
+        value_t = None
+        if objective.direct is not None:  # Trace_ELBO's loss without the tracing
+            value_t = objective.direct(x, idx, kl_weight=kl_weight)
+        if value_t is None:
+            value_t = loss.differentiable_loss(objective.model, objective.guide, x, idx,
+                                               kl_weight=kl_weight)
         value_t.backward()
         value = value_t.detach().to(torch.float64)
     else:  # e.g. RenyiELBO: backpropagates inside (and returns a float, read on the host)

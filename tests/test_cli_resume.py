@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pyro.infer import Trace_ELBO
 
 from pyrovae.checkpoint import CHECKPOINT_NAME, CONFIG_NAME, read_checkpoint
 from pyrovae.cli import main
@@ -76,19 +75,21 @@ def test_interrupted_mid_epoch_resumes_from_step_checkpoint(
 ) -> None:
     """Ctrl-C in epoch 2 (step 85) with --checkpoint-every-steps 10: exit code 130, the checkpoint
     of step 80 survives, and `--resume RUN` (nothing else) finishes the run exactly."""
-    real = Trace_ELBO.differentiable_loss
+    from pyrovae import training
+
+    real = training.train_step
     calls = [0]
 
-    def interrupted(self, model, guide, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         calls[0] += 1
         if calls[0] == 85:
             raise KeyboardInterrupt
-        return real(self, model, guide, *args, **kwargs)
+        return real(*args, **kwargs)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(Trace_ELBO, "differentiable_loss", interrupted)
+    monkeypatch.setattr(training, "train_step", interrupted)
     assert _train("--epochs", "3", "--checkpoint-every-steps", "10", "--out", str(run)) == 130
-    monkeypatch.setattr(Trace_ELBO, "differentiable_loss", real)
+    monkeypatch.setattr(training, "train_step", real)
     assert "interrupted" in capsys.readouterr().err
     state = read_checkpoint(run)["training_state"]
     assert (state["epoch"], state["batch"]) == (1, 80 - STEPS_PER_EPOCH)

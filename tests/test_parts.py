@@ -745,3 +745,32 @@ def test_bad_datapoints_are_counted_over_the_whole_data_set():
     x[::2, 0] = 0.5  # 4500 grey datapoints, in both chunks
     with pytest.raises(DataError, match="^4500 datapoint"):
         fit(vae, x, num_epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("prior,family,likelihood", VALID, ids=["-".join(c) for c in VALID])
+def test_the_untraced_elbo_is_trace_elbo(prior, family, likelihood, digits, float64):
+    """VAE.trace_elbo_loss (what fit runs for the default Trace_ELBO) equals Pyro's
+    Trace_ELBO on the VAE's own model and guide, value and every gradient, for every allowed
+    combination, on a subsample (scale N/B = 2) with a KL weight: the same draw from the same
+    RNG state, the same site scales."""
+    x = digits["small_binary" if likelihood == "bernoulli" else "small_grey"].double()
+    torch.manual_seed(0)
+    vae = build_vae(_small_config(prior, family, likelihood), num_data=len(x)).double()
+    idx = torch.arange(0, len(x), 2)
+    results = []
+    for direct in (False, True):
+        torch.manual_seed(1)
+        if direct:
+            loss = vae.trace_elbo_loss(x[idx], idx, kl_weight=0.7)
+        else:
+            loss = Trace_ELBO().differentiable_loss(vae._model, vae._guide, x[idx], idx,
+                                                    kl_weight=0.7)
+        vae.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in vae.named_parameters() if p.grad is not None}
+        results.append((float(loss.detach()), grads))
+    (traced, traced_grads), (direct, direct_grads) = results
+    assert direct == pytest.approx(traced, rel=1e-12, abs=1e-9)
+    assert traced_grads.keys() == direct_grads.keys() and traced_grads
+    for name, g in traced_grads.items():
+        assert torch.equal(direct_grads[name], g), name
