@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import make_grid, save_image
 
 from ._checks import check_positive_int
 from .errors import ConfigError, DataError
@@ -64,6 +63,11 @@ def image_grid(
     :param scale: enlarge every pixel to ``scale x scale`` (nearest neighbour), so that 28-pixel
         digits are large enough to see in an image viewer.
     """
+    # Imported here, not with this module: `pyrovae train` imports this module before training,
+    # and torchvision (with torch._dynamo, which it imports) would otherwise be resident from
+    # the start; torchvision's own share is ~15 MB once torch.optim has imported torch._dynamo.
+    from torchvision.utils import make_grid, save_image
+
     check_positive_int(scale, "scale")
     grid = make_grid(_as_images(x, image_shape), nrow=nrow, padding=2, pad_value=1.0)
     if scale > 1:

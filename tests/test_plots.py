@@ -4,6 +4,10 @@ one point per datapoint, one bar per dimension, one line point per K, the right 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +26,7 @@ from pyrovae.plots import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(path) -> int:
@@ -179,3 +184,19 @@ def test_plot_gaps_bounds_carry_paired_standard_errors(tmp_path):
     gap_half = [float(seg[1, 1] - seg[0, 1]) / 2 for seg in gaps_ax.containers[0].lines[2][0].get_segments()]
     assert gap_half == pytest.approx([s["approximation_gap"][1], s["amortization_gap"][1]])
     assert _png(tmp_path / "gaps.png") > 5_000
+
+
+def test_torchvision_is_imported_only_to_draw_an_image_grid(tmp_path):
+    """`pyrovae train` imports pyrovae.plots before training; torchvision must not come with it
+    (it would sit in the process's memory through training), only with the first image grid."""
+    code = (
+        "import sys, torch, pyrovae, pyrovae.cli, pyrovae.plots as plots\n"
+        "assert 'torchvision' not in sys.modules, 'imported with pyrovae.plots'\n"
+        "grid = plots.image_grid(torch.rand(4, 6), (2, 3), nrow=2, path=sys.argv[1])\n"
+        "assert 'torchvision' in sys.modules and grid.shape[0] == 3\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "grid.png")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _png(tmp_path / "grid.png")
