@@ -512,10 +512,27 @@ class Program:
         return self._per_datapoint(site["fn"].log_prob(site["value"]), num_samples, batch)
 
     # ------------------------------------------------------------------ weights
-    def log_weights(self, x: torch.Tensor, idx: torch.Tensor, num_samples: int) -> torch.Tensor:
+    def untraced(self) -> Callable[..., Any] | None:
+        """:meth:`VAE.importance_log_weights <pyrovae.VAE.importance_log_weights>` where this
+        program is exactly a VAE's own model and guide (the same weights, the same draws,
+        without Pyro's tracing), else ``None``."""
+        vae = self.vae
+        if vae is None or not hasattr(vae, "importance_log_weights"):
+            return None
+        if self.model != vae.model or self.guide != vae.guide or not vae.runs_own_program():
+            return None
+        return vae.importance_log_weights
+
+    def log_weights(
+        self, x: torch.Tensor, idx: torch.Tensor, num_samples: int, traced: bool = False
+    ) -> torch.Tensor:
         r"""Log importance weights :math:`w_k`, shape ``(num_samples, batch)``: the guide traced
         under a particle plate, the model replayed against it, unscaled log-densities summed
-        per datapoint (model sites minus guide sites)."""
+        per datapoint (model sites minus guide sites). A VAE's own program is evaluated without
+        the tracing (:meth:`untraced`; equal to the bit) unless ``traced``."""
+        direct = None if traced else self.untraced()
+        if direct is not None:
+            return direct(x, idx, num_samples)
         guide_trace, model_trace = self._traces(x, idx, num_samples)
         batch = int(x.shape[0])
         w = _zeros(x, num_samples, batch)

@@ -187,6 +187,24 @@ class VAE(PyroModule):
         log_p = _scaled_sum(pz.log_prob(z), sz) + _scaled_sum(px.log_prob(x), s)
         return -(log_p - _scaled_sum(q.log_prob(z), sz))
 
+    def importance_log_weights(
+        self, x: torch.Tensor, idx: torch.Tensor, num_samples: int
+    ) -> torch.Tensor:
+        r"""Log importance weights :math:`w_k = \log p(x, z_k) - \log q(z_k \mid x)`, ``z_k ~
+        q(z|x)``, shape ``(num_samples, batch)``: what the estimators compute by tracing the
+        guide under a particle plate and replaying the model against it, straight from the
+        parts' distributions (each broadcast to ``(num_samples, batch)`` as the two plates
+        broadcast it; the same draw for the same RNG state; unscaled log-densities summed in the
+        traced order, so the weights agree to the bit, as a test checks for every combination).
+        """
+        batch = torch.Size((num_samples, x.shape[0]))
+        q = self.family(x, idx).expand(batch)
+        z = q.rsample() if q.has_rsample else q.sample()
+        pz = self.prior().expand(batch)
+        px = self.likelihood(z).expand(batch)
+        w = torch.zeros(batch, dtype=x.dtype, device=x.device)
+        return w + pz.log_prob(z) - q.log_prob(z) + px.log_prob(x)
+
     # ------------------------------------------------------------------ conveniences
     @property
     def latent_dim(self) -> int:

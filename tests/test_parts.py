@@ -774,3 +774,26 @@ def test_the_untraced_elbo_is_trace_elbo(prior, family, likelihood, digits, floa
     assert traced_grads.keys() == direct_grads.keys() and traced_grads
     for name, g in traced_grads.items():
         assert torch.equal(direct_grads[name], g), name
+
+
+@pytest.mark.parametrize("prior,family,likelihood", VALID, ids=["-".join(c) for c in VALID])
+def test_the_untraced_importance_weights_are_the_traced_ones(prior, family, likelihood, digits,
+                                                             float64):
+    """VAE.importance_log_weights (what the estimators use for a VAE's own program) equals the
+    evaluation core's traced log-weights (guide under a particle plate, model replayed) to the
+    bit, for every allowed combination: same draws, same broadcasts, same order of sums."""
+    from pyrovae.evaluation import Program
+
+    x = digits["small_binary" if likelihood == "bernoulli" else "small_grey"].double()[:5]
+    torch.manual_seed(0)
+    vae = build_vae(_small_config(prior, family, likelihood), num_data=len(x)).double().eval()
+    program = Program.resolve(vae)
+    idx = torch.arange(len(x))
+    assert program.untraced() is not None
+    weights = []
+    with torch.no_grad():
+        for traced in (True, False):
+            torch.manual_seed(1)
+            weights.append(program.log_weights(x, idx, 7, traced=traced))
+    assert weights[0].shape == (7, 5)
+    assert torch.equal(weights[0], weights[1])

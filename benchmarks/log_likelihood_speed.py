@@ -1,0 +1,196 @@
+"""Speed of :func:`pyrovae.log_likelihood` against a bare importance-sampling estimator.
+
+Both score the same 784-400-400-50 MLP VAE (ReLU, Bernoulli likelihood, diagonal Gaussian
+q(z|x), N(0, I) prior; the weights of a short training run, or random ones: the cost does not
+depend on them) on the same binarized digits with the same chunks of draws (``max_rows`` rows per
+decoder call), interleaved over several rounds in one process; the median seconds of each are
+reported, and their ratio (pyrovae's speed / the bare one's).
+
+The bare estimator is the loop a PyTorch user writes: the encoder's ``loc, scale`` from the same
+modules, ``z = loc + scale * eps``, ``logsumexp_k [log p(x|z_k) + log p(z_k) - log q(z_k|x)] -
+log K`` with ``torch.distributions``-free formulas and ``binary_cross_entropy_with_logits``; no
+Pyro, no diagnostics. ``log_likelihood`` is timed with its PSIS diagnostics off (the same work)
+and on (its default: k-hat and ESS of every datapoint).
+
+``--full`` also times ``log_likelihood`` with K = 5000 on all 10,000 MNIST test digits (the
+issue's target: 6 minutes on 2 cores) and reports the process's peak resident memory.
+
+Run: ``PYROVAE_DATA=... python benchmarks/log_likelihood_speed.py [--threads 2] [--full]``;
+``torchrun --standalone --nproc-per-node 2 benchmarks/log_likelihood_speed.py --threads 1
+--full-only`` splits the K = 5000 run over two processes (``process_group=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+import pyrovae
+from pyrovae import MLP, VAE, Bernoulli, DiagonalNormal, StandardNormal
+
+D, H, L = 784, 400, 50
+HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def build() -> VAE:
+    return VAE(
+        StandardNormal(L),
+        DiagonalNormal(MLP(D, (H,), H, activate_output=True), L),
+        Bernoulli(MLP(L, (H, H), D)),
+        num_data=60000,
+    )
+
+
+@torch.no_grad()
+def bare_log_likelihood(vae: VAE, x: torch.Tensor, k: int, max_rows: int = 2048) -> torch.Tensor:
+    """log p(x) per datapoint by importance sampling, written by hand with the same chunks."""
+    points = max(1, max_rows // k)
+    per_call = min(k, max_rows)
+    decoder = vae.likelihood.decoder
+    out = []
+    for start in range(0, len(x), points):
+        xb = x[start : start + points]
+        q = vae.family(xb, torch.arange(len(xb))).base_dist  # Normal(loc, scale), (B, L)
+        loc, scale = q.loc, q.scale
+        log_w = []
+        for k0 in range(0, k, per_call):
+            eps = torch.randn((min(per_call, k - k0), *loc.shape), dtype=loc.dtype)
+            z = loc + scale * eps
+            log_px = -F.binary_cross_entropy_with_logits(
+                decoder(z), xb.expand(z.shape[0], *xb.shape), reduction="none"
+            ).sum(-1)
+            log_pz = (-0.5 * z.square() - HALF_LOG_2PI).sum(-1)
+            log_qz = (-0.5 * eps.square() - scale.log() - HALF_LOG_2PI).sum(-1)
+            log_w.append(log_px + log_pz - log_qz)
+        out.append(torch.logsumexp(torch.cat(log_w), 0) - math.log(k))
+    return torch.cat(out)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--points", type=int, default=200, help="digits per timed call")
+    p.add_argument("--num-samples", type=int, nargs="+", default=[1000, 5000])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--full", action="store_true", help="also K=5000 on all 10,000 test digits")
+    p.add_argument("--full-only", action="store_true",
+                   help="only the K=5000 run on all test digits (under torchrun: split across "
+                        "the processes with process_group=True)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")  # k-hat warnings of an untrained model
+    load_at_start = list(os.getloadavg())
+    torch.manual_seed(0)
+    vae = build().eval()
+    try:
+        from pyrovae.data import load_dataset
+
+        test = load_dataset("mnist", "test", root=args.data_root, binarize="dynamic")
+        test = test.binarized(generator=torch.Generator().manual_seed(0))
+        x_all = test[torch.arange(len(test))][0]
+        data = "MNIST test digits"
+    except Exception as exc:  # noqa: BLE001 - no data: random binary images, same cost
+        x_all = torch.bernoulli(torch.full((10000, D), 0.13))
+        data = f"random binary images (no MNIST: {type(exc).__name__})"
+    x = x_all[: args.points]
+    if args.full_only:
+        return _full_only(vae, x_all, args)
+    rows = []
+    for k in args.num_samples:
+        times = {"bare": [], "pyrovae (no diagnostics)": [], "pyrovae (default)": []}
+        for _ in range(args.rounds):
+            times["bare"].append(timed(lambda: bare_log_likelihood(vae, x, k)))
+            times["pyrovae (no diagnostics)"].append(
+                timed(lambda: pyrovae.log_likelihood(vae, x, k, diagnostics=False))
+            )
+            times["pyrovae (default)"].append(timed(lambda: pyrovae.log_likelihood(vae, x, k)))
+        med = {name: statistics.median(v) for name, v in times.items()}
+        rows.append({
+            "num_samples": k,
+            "points": len(x),
+            "seconds": med,
+            "ratio_no_diagnostics": med["bare"] / med["pyrovae (no diagnostics)"],
+            "ratio_default": med["bare"] / med["pyrovae (default)"],
+        })
+        print(json.dumps(rows[-1]), flush=True)
+    # The two agree in distribution: same estimator, different draws.
+    torch.manual_seed(1)
+    bare = bare_log_likelihood(vae, x[:50], 1000)
+    ours = pyrovae.log_likelihood(vae, x[:50], 1000, seed=1, diagnostics=False).values
+    result: dict = {
+        "benchmark": "log_likelihood_speed",
+        "model": f"{D}-{H}-{H}-{L} MLP VAE (ReLU, Bernoulli)",
+        "data": data,
+        "rows": rows,
+        "agreement_mean_difference_50_points_K1000": float((ours - bare).mean()),
+        "torch": torch.__version__,
+        "pyro": __import__("pyro").__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "load_average_at_start": load_at_start,
+    }
+    if args.full:
+        t0 = time.perf_counter()
+        ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0)
+        result["full"] = {
+            "num_samples": 5000,
+            "points": len(x_all),
+            "seconds": time.perf_counter() - t0,
+            "mean": ll.mean,
+            "stderr": ll.stderr,
+            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        }
+        print(json.dumps(result["full"]), flush=True)
+    result["load_average_at_end"] = list(os.getloadavg())
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
+    """K = 5000 on every test digit, in this process or split over torchrun's processes."""
+    from pyrovae import distributed
+
+    group = distributed.process_group(None)
+    t0 = time.perf_counter()
+    ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0, process_group=group or False)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    peaks = [peak]
+    if group is not None:
+        peaks = distributed._gather_objects(peak, group) or peaks
+    result = {
+        "num_samples": 5000, "points": len(x_all), "seconds": seconds, "mean": ll.mean,
+        "stderr": ll.stderr, "processes": distributed.world_size(group),
+        "threads_per_process": torch.get_num_threads(), "peak_rss_gb_per_process": peaks,
+        "torch": torch.__version__, "load_average_at_end": list(os.getloadavg()),
+    }
+    if distributed.is_main(group):
+        print(json.dumps(result), flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
