@@ -85,7 +85,8 @@ class History:
 
     :ivar objective: what ``train_objective`` holds: ``"elbo"`` for ``Trace_ELBO`` and
         ``TraceMeanField_ELBO``, ``"beta-elbo(β=0.5)"`` with ``beta=0.5``, ``"iwae(k=5)"`` for
-        ``RenyiELBO(alpha=0, num_particles=5)``, with ``" + KL warm-up (E epochs)"`` appended when
+        :class:`pyrovae.losses.IWAE` ``(5)`` (``"iwae(k=5, dreg)"`` with its DReG gradient),
+        ``"renyi(α=0, k=5)"`` for Pyro's ``RenyiELBO``, with ``" + KL warm-up (E epochs)"`` appended when
         the KL weight was annealed (those epochs' numbers are of the down-weighted objective).
     :ivar train_objective: the training objective per datapoint (nats), averaged over the epoch's
         minibatches (skipped, non-finite steps left out). ``train_elbo`` is the same list.
@@ -143,7 +144,7 @@ class Objective:
     is :math:`w = \beta \min(1, \text{progress} / E_\text{warm-up})`, or :math:`\beta` without
     warm-up (Sønderby et al. 2016). Build one with :func:`objective`.
 
-    :ivar loss: the Pyro loss (``Trace_ELBO()``, ``RenyiELBO(alpha=0, ...)``, ...).
+    :ivar loss: the Pyro loss (``Trace_ELBO()``, :class:`pyrovae.losses.IWAE`, ...).
     :ivar model, guide: the Pyro program the loss runs. They register the parameters as Pyro
         ``param`` sites only for losses that find what to differentiate through them (those
         without ``differentiable_loss``, and the JIT ones); the optimizer holds the parameters.
