@@ -21,7 +21,8 @@ digits or ``--sim-block`` simulated digits); each finished unit is saved in the 
 per-digit values and its wall and CPU seconds. Each invocation continues with the next
 unfinished unit, cheapest part first (IS, then BDMC and AIS in increasing cost: all of AIS
 T=1000 before any of T=10000), and stops before a unit that would end past ``--max-hours``;
-SIGTERM or Ctrl-C lose only the unit in progress. Unit ``name`` is seeded by
+SIGTERM or Ctrl-C lose only the unit in progress. One invocation at a time runs units in a state
+folder (a lock; ``--report`` only rewrites the results and needs none). Unit ``name`` is seeded by
 ``crc32(name) + seed * 2**32`` (pyrovae then seeds each batch inside it by ``(seed, batch)``),
 so a unit's values do not depend on which invocation ran it.
 
@@ -477,7 +478,8 @@ def equal_accuracy(a_mean: float, curve: list[tuple[int, float]]) -> dict[str, A
     if slope <= 0:
         return {"K": None, "how": f"none: L_K stops rising by K={k1}"}
     return {"K": k1 * math.exp((a_mean - m1) / slope),
-            "how": f"extrapolated linearly in log K from K={k0}..{k1} (a lower bound on the K needed)"}
+            "how": f"extrapolated linearly in log K from K={k0}..{k1}: a lower bound on the K "
+                   "needed while L_K keeps flattening in log K", "extrapolated": True}
 
 
 def summarize(state: Path, plan: dict[str, Any], model: dict[str, Any], units: list[Unit],
@@ -678,10 +680,13 @@ def pm(m: Any, se: Any, sign: bool = False) -> str:
     return f"{f2(m, sign=sign)} ± {f2(se)}"
 
 
-def fmt_k(k: Any) -> str:
+def fmt_k(k: Any, rough: bool = False) -> str:
+    """A number of samples; ``rough`` (extrapolated): two significant digits."""
     if k is None:
         return "–"
-    return f"{k:,.0f}" if k < 1e7 else f"{k:.1e}"
+    if rough or k >= 1e7:
+        return f"{k:.1e}".replace("e+0", "e").replace("e+", "e")
+    return f"{k:,.0f}"
 
 
 def write_markdown(path: Path, r: dict[str, Any]) -> None:
@@ -712,9 +717,9 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
     lines += ["", f"Nested bounds L_K of the K={big['K']} run (same draws): " + ", ".join(
         f"L_{k} = {f2(v)}" for k, v in big["curve_L_K"].items()) + ".", ""]
     lines += ["## AIS against IS on the same test digits", "",
-              "| T | digits | AIS log p(x) | − IS K=" + " | − IS K=".join(
-                  str(k) for k in plan["is_samples"]) +
-              " (paired) | chain s.e. | acceptance | gradient evals per digit | CPU s per digit | wall s |",
+              "| T | digits | AIS log p(x) | " + " | ".join(
+                  f"AIS − IS K={k} (paired)" for k in plan["is_samples"]) +
+              " | chain s.e. | acceptance | gradient evals per digit | CPU s per digit | wall s |",
               "|---|---|---|" + "---|" * len(plan["is_samples"]) + "---|---|---|---|---|"]
     for a in r["ais"]:
         diffs = [a["vs_importance"].get(f"K={k}") for k in plan["is_samples"]]
@@ -735,9 +740,11 @@ def write_markdown(path: Path, r: dict[str, Any]) -> None:
         if not e:
             lines.append(f"| {a['T']} | – | – | not measured yet | | | | |")
             continue
-        lines.append(f"| {a['T']} | {e['digits']} | {fmt_k(e['K'])} | {e['how']} | "
-                     f"{sig(e['ais_cpu_seconds_per_digit'])} | {sig(e['is_cpu_seconds_per_digit_at_K'])} | "
-                     f"{sig(e['cpu_ratio_ais_to_is'])} | {sig(e['evaluation_ratio_ais_to_is'])} |")
+        ext = bool(e.get("extrapolated"))
+        ge, le = ("≥ ", "≤ ") if ext else ("", "")
+        lines.append(f"| {a['T']} | {e['digits']} | {ge}{fmt_k(e['K'], ext)} | {e['how']} | "
+                     f"{sig(e['ais_cpu_seconds_per_digit'])} | {ge}{sig(e['is_cpu_seconds_per_digit_at_K'])} | "
+                     f"{le}{sig(e['cpu_ratio_ais_to_is'])} | {le}{sig(e['evaluation_ratio_ais_to_is'])} |")
     d = r["definitions"]
     lines += ["", f"Equal accuracy: {d['equal_accuracy']}. Cost ratio: {d['cost_ratio']}.", "",
               "## BDMC on digits simulated from the model", "",
@@ -830,9 +837,13 @@ def when_to_use(r: dict[str, Any]) -> list[str]:
                  f"{sig(a['cpu_seconds_per_digit'] / is_big['cpu_seconds_per_digit']) if is_big['cpu_seconds_per_digit'] else '–'}x the CPU time")
         e = a.get("equal_accuracy") or {}
         if e.get("cpu_ratio_ais_to_is"):
-            text += (f"; IS would need K ≈ {fmt_k(e['K'])} to match it "
-                     f"({'extrapolated, ' if e['how'].startswith('extrapolated') else ''}"
-                     f"AIS then costs {sig(e['cpu_ratio_ais_to_is'])}x IS's CPU time)")
+            if e.get("extrapolated"):
+                text += (f"; IS would need K ≳ {fmt_k(e['K'], True)} samples to match it "
+                         f"(extrapolated), so at equal accuracy AIS costs at most "
+                         f"{sig(e['cpu_ratio_ais_to_is'])}x the CPU time of IS")
+            else:
+                text += (f"; IS matches it at K ≈ {fmt_k(e['K'])}, so at equal accuracy AIS "
+                         f"costs {sig(e['cpu_ratio_ais_to_is'])}x the CPU time of IS")
         text += "."
     out.append(text)
     out.append("Use AIS to check IS on a few hundred digits (a paired difference has a small standard "
@@ -840,8 +851,12 @@ def when_to_use(r: dict[str, Any]) -> list[str]:
                "its cost grows linearly with T and the chains.")
     if done_bdmc:
         b = done_bdmc[-1]
-        out.append(f"BDMC brackets log p(x) on simulated digits (width {f2(b['width']['mean'])} nats at "
-                   f"T = {b['T']}): use it to choose T for AIS, not as a test-set score.")
+        imp = b["importance"][f"K={kmax}"]
+        out.append(f"BDMC brackets log p(x) on digits simulated from the model: at T = {b['T']} the "
+                   f"sandwich is {pm(b['width']['mean'], b['width']['stderr'])} nats wide and IS "
+                   f"K = {kmax} falls {pm(imp['below_lower_by'], imp['below_lower_stderr'])} nats "
+                   "below it. Use it to choose T for AIS (where the width is negligible) and to "
+                   "measure IS's error, not as a test-set score.")
     return out
 
 
@@ -876,6 +891,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def hold_lock(state: Path) -> Any:
+    """One invocation runs units in a state folder at a time (``--report`` needs no lock)."""
+    import fcntl
+
+    f = open(state / ".lock", "a+")  # noqa: SIM115 -- held open until the process exits
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise BenchmarkError(f"another invocation is running on {state} (pid {f.read().strip() or '?'}); "
+                             "wait for it, stop it, or pass --report to rewrite the results") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
+
 def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -890,6 +923,7 @@ def run(args: argparse.Namespace) -> int:
         tmp_state = Path(tempfile.mkdtemp(prefix="estimators_mnist_quick_"))
     state = (args.state or tmp_state or DEFAULT_STATE).resolve()
     state.mkdir(parents=True, exist_ok=True)
+    lock = None if args.report else hold_lock(state)  # noqa: F841 -- held until exit
     plan = resolve_plan(args, state)
     root = args.data_root or os.environ.get("PYROVAE_DATA")
     if plan["dataset"] != "default" and not root:

@@ -116,3 +116,13 @@ def test_unit_reproduced_from_its_seed(run):
 def test_plan_clash_refused(run, capsys):
     assert run("--chains", "3") == 2
     assert "--chains 3 (the plan has 2)" in capsys.readouterr().err
+
+
+def test_one_invocation_at_a_time(run, capsys):
+    held = bench.hold_lock(run.tmp / "state")
+    try:
+        assert run() == 2
+        assert "another invocation is running" in capsys.readouterr().err
+        assert run("--report") == 0  # rewriting the results needs no lock
+    finally:
+        held.close()
