@@ -57,8 +57,9 @@ def test_diagonal_family_elbo_is_below_and_is_approaches(lg):
     assert (e.values < exact).all()
     # MC error of a 4000-sample mean per point is small; compare the average gap.
     assert abs(float((exact - e.values).mean()) - gap) < 4 * e.stderr / math.sqrt(4000) + 0.01
-    errors = []
-    for k in (1, 10, 100, 2000):
+    # L_1's error is the ELBO's (its 4000-draw average, not one noisy draw); L_K's shrinks with K.
+    errors = [float((exact - e.values).mean())]
+    for k in (10, 100, 2000):
         ll = log_likelihood(vae, x, num_samples=k, seed=0)
         errors.append(float((exact - ll.values).mean()))
     assert errors[0] > errors[1] > errors[2] > errors[3] >= -0.01
