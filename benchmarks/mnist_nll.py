@@ -321,18 +321,10 @@ def make_loss(setting: str, spec: dict[str, Any]) -> Any:
         from pyro.infer import Trace_ELBO
 
         return Trace_ELBO()
-    try:
-        from pyrovae.losses import IWAE  # lazily: being written, not on main yet
-    except ImportError:
-        raise BenchmarkError(
-            f"setting {setting} needs pyrovae.losses.IWAE (the IWAE bound with the minibatch "
-            "scale outside the logsumexp), which this pyrovae does not have yet; "
-            "pyro.infer.RenyiELBO is not that bound under subsampling and is not used"
-        ) from None
-    try:  # the VAE has one plate: no guessing at the first step (it would draw from the RNG)
-        return IWAE(num_particles=spec["k"], max_plate_nesting=1)
-    except TypeError:
-        return IWAE(num_particles=spec["k"])
+    from pyrovae.losses import IWAE  # the bound with the minibatch scale outside the logsumexp
+
+    # the VAE has one plate: no guessing at the first step (it would draw from the RNG)
+    return IWAE(num_particles=spec["k"], max_plate_nesting=1)
 
 
 @contextlib.contextmanager

@@ -154,20 +154,6 @@ def test_a_missing_run_folder_starts_from_the_saved_state(first, tmp_path, one_t
     assert [c["epochs"] for c in meta["curve"]] == [1]  # the saved curve came along
 
 
-def test_iwae_settings_need_pyrovae_losses(tmp_path, capsys):
-    try:
-        import pyrovae.losses  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("pyrovae.losses exists")
-    code = bench.main(["--setting", "iwae-dynamic-k50", "--dataset", "default",
-                       "--run-dir", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "pyrovae.losses.IWAE" in err[0]
-    assert "RenyiELBO" in err[0]
-
-
 @pytest.mark.parametrize("argv", [["--max-epochs", "0"], ["--max-hours", "-1"],
                                   ["--schedule", "nope"], ["--setting", "nope"],
                                   ["--from-state", "/nonexistent.pt"]])
