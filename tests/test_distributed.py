@@ -302,3 +302,17 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path: Path) 
     assert state.history.num_steps == started[0] and state.batch == started[0]
     assert err.count("preempted") == 1
     assert "resume with: torchrun --nproc-per-node=2 -m pyrovae train --resume run" in err
+
+
+def test_process_group_true_outside_torchrun_is_a_one_line_error(monkeypatch) -> None:
+    """An estimator asked to split its work with no process group to split it over says so
+    (and how to start one), instead of silently scoring everything in one process."""
+    from pyrovae import log_likelihood
+    from pyrovae.errors import ConfigError
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="torchrun"):
+        log_likelihood(_model(), _data()[:4], 5, process_group=True)
+    # False (the default) and None score in this process.
+    assert log_likelihood(_model(), _data()[:4], 5, seed=0, process_group=None).values.shape == (4,)
