@@ -140,7 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AIS intermediate distributions for the check (default: 100)")
     e.add_argument("--ais-chains", type=int, default=4, help="AIS chains per point (default: 4)")
 
-    v = sub.add_parser("evaluate", help="test log-likelihood of a trained run (IS or AIS)")
+    v = sub.add_parser(
+        "evaluate", help="test log-likelihood of a trained run (IS or AIS)",
+        description="Score a trained run's test points by importance sampling or AIS. Under "
+        "torchrun (torchrun --standalone --nproc-per-node=N -m pyrovae evaluate RUN) the "
+        "processes split the points; the values equal one process's for the same --seed.",
+    )
     v.add_argument("run", type=Path, help="a run folder written by 'pyrovae train'")
     v.add_argument("--estimator", default="is", choices=("is", "ais"),
                    help="is: importance sampling with the encoder (with an AIS check on "
