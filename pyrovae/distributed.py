@@ -157,11 +157,7 @@ def all_gather_values(local: torch.Tensor, num_datapoints: int, group: Any = Non
             f"rank {r} holds {local.shape[0]} values but its shard has {sizes[r]} datapoints; "
             "compute them on data[shard_indices(num_datapoints)]"
         )
-    padded = local.new_zeros((max(sizes), *local.shape[1:]))
-    padded[: sizes[r]] = local
-    parts = [torch.empty_like(padded) for _ in range(w)]
-    tdist.all_gather(parts, padded.contiguous(), group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return all_gather_cat(local, group)
 
 
 def _comm_device(group: Any) -> torch.device:

@@ -51,7 +51,7 @@ from ._checks import check_positive_int, check_seed, to_device
 from .errors import ConfigError, DataError
 
 __all__ = [
-    "Estimate", "Program", "evaluating", "chunks", "batch_seed", "gather", "gather_parts",
+    "Estimate", "Program", "evaluating", "chunks", "batch_seed", "gather_parts",
     "resolve_group",
     "mean_stderr", "DEFAULT_MAX_BYTES",
 ]
@@ -643,22 +643,17 @@ def resolve_group(process_group: Any, program: Program | None = None, local: str
     return group
 
 
-def gather(values: torch.Tensor, group: Any, dim: int = 0) -> torch.Tensor:
-    """Every rank's per-datapoint ``values`` (along ``dim``), in datapoint order."""
-    if group is None:
-        return values
-    from . import distributed
-
-    return distributed.all_gather_cat(values, group, dim)
-
-
 def gather_parts(parts: list[torch.Tensor], group: Any, dim: int = 0, empty: tuple = (0,),
                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """This rank's per-batch parts concatenated along ``dim`` (on the CPU), then gathered over
     ``group`` (if any); a rank with no batches contributes an ``empty``-shaped tensor of
     ``dtype`` (the program's: every rank must send the same dtype)."""
     local = torch.cat([p.cpu() for p in parts], dim) if parts else torch.empty(empty, dtype=dtype)
-    return gather(local, group, dim)
+    if group is None:
+        return local
+    from . import distributed
+
+    return distributed.all_gather_cat(local, group, dim)
 
 
 def chunks(
@@ -686,7 +681,7 @@ def chunks(
     datapoint's draws depend on the seed and on its batch, not on what ran before. With a
     process ``group`` of ``W`` ranks, the batches are split into ``W`` contiguous runs
     (:func:`pyrovae.distributed.shard`) and each rank yields its own; concatenating the ranks'
-    values in rank order (:func:`gather`) gives exactly the single-process values.
+    values in rank order (:func:`gather_parts`) gives exactly the single-process values.
     """
     dataset = program.dataset(data)
     n = len(dataset)  # type: ignore[arg-type]
