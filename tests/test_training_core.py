@@ -183,8 +183,10 @@ def test_jit_loss_with_warmup_is_refused() -> None:
 
 # ---------------------------------------------------------------------- no host synchronization
 def test_train_step_never_reads_a_device_value(monkeypatch) -> None:
-    """train_step itself converts no tensor to a Python value (each would be a GPU wait); the
+    """On a device whose flags the host reads lazily (a GPU; here the CPU made to act like one),
+    train_step itself converts no tensor to a Python value (each would be a GPU wait); the
     only reads are Pyro's own NaN warnings, outside pyrovae."""
+    monkeypatch.setitem(training._SYNC_EVERY, "cpu", 32)
     vae, data = _setup()
     opt = training._adam(list(vae.parameters()), 1e-3)
     state = TrainState(vae, opt, seed=0)
