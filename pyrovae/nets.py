@@ -281,8 +281,10 @@ class FactoredLogits(nn.Module):
                 f"num_levels={self.num_levels}, rank={self.rank}")
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.features(h).unflatten(-1, (self.rank, self.num_features))  # (..., r, D)
-        # (L, r) @ (..., r, D) -> (..., L, D); matmul saves its inputs, not its output, so the
-        # bias can be added in place (no second logit-sized tensor).
-        logits = torch.matmul(self.weight, a).add_(self.bias)
-        return logits.flatten(-2)
+        lead = h.shape[:-1]
+        a = self.features(h).reshape(-1, self.rank, self.num_features)  # (n, r, D)
+        n, shape = a.shape[0], (self.num_levels, self.num_features)
+        # c + B a for each row, one batched matmul with the bias added in the same kernel; its
+        # output, (n, L, D) contiguous, is the only logit-sized tensor (B and c are broadcast).
+        logits = torch.baddbmm(self.bias.expand(n, *shape), self.weight.expand(n, -1, -1), a)
+        return logits.reshape(*lead, self.out_features)
