@@ -55,7 +55,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "num_pseudo_inputs": (500, "pseudo-inputs of the VampPrior"),
     "flow_prior_kind": ("affine_autoregressive", "'affine_autoregressive' or 'spline_autoregressive'"),
     "conv_channels": ([32, 64], "conv network channels (encoder order; the decoder reverses them)"),
-    "logit_rank": (16, "features per pixel of the categorical256 MLP decoder, mapped to the 256 "
+    "logit_rank": (32, "features per pixel of the categorical256 MLP decoder, mapped to the 256 "
                    "logits by a 1x1 layer shared by all pixels (FactoredLogits); 0 for a dense "
                    "output layer"),
 }

@@ -77,7 +77,7 @@ def _config(**options) -> VAEConfig:
 def test_build_uses_the_factored_head_by_default_and_dense_for_rank_zero():
     default = build_vae(_config(), num_data=10).likelihood.decoder
     trunk, head = default
-    assert isinstance(head, FactoredLogits) and head.rank == OPTIONS["logit_rank"][0] == 16
+    assert isinstance(head, FactoredLogits) and head.rank == OPTIONS["logit_rank"][0] == 32
     assert (head.in_features, head.num_features, head.num_levels) == (6, 12, 256)
     assert isinstance(trunk, MLP) and trunk.out_features == 6
     assert isinstance(trunk[-1], nn.ReLU)  # the trunk's output is activated
@@ -104,7 +104,7 @@ def test_a_new_run_records_the_logit_rank_it_used(tmp_path: Path):
     pyrovae.fit(vae, torch.randint(0, 256, (10, 12)) / 255, num_epochs=1, batch_size=5,
                 progress=False, checkpoint_dir=tmp_path)
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())["vae"]
-    assert saved["options"] == {"logit_rank": 16}
+    assert saved["options"] == {"logit_rank": 32}
     assert isinstance(load_model(tmp_path).likelihood.decoder[1], FactoredLogits)
 
 
