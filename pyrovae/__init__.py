@@ -54,7 +54,7 @@ from .likelihoods import (
     Laplace,
     Likelihood,
 )
-from .nets import MLP, ConvDecoder, ConvEncoder
+from .nets import MLP, ConvDecoder, ConvEncoder, FactoredLogits
 from .priors import (
     FlowPrior,
     LearnedNormal,
@@ -110,6 +110,7 @@ __all__ = [
     "MLP",
     "ConvEncoder",
     "ConvDecoder",
+    "FactoredLogits",
     "Prior",
     "StandardNormal",
     "LearnedNormal",

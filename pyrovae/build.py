@@ -20,7 +20,7 @@ The options (``VAEConfig.options``) are listed in :data:`OPTIONS`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from ._checks import check_positive_int
 from .errors import ConfigError
 from .families import FLOW_TRANSFORMS, DiagonalNormal, Flow, FullRankNormal, LocalNormal
 from .likelihoods import Bernoulli, Categorical256, ContinuousBernoulli, Gaussian, Laplace
-from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder
+from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, FactoredLogits
 from .priors import LearnedNormal, MixtureOfGaussians, StandardNormal, VampPrior, flow_prior
 from .vae import VAE
 
@@ -55,6 +55,9 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "num_pseudo_inputs": (500, "pseudo-inputs of the VampPrior"),
     "flow_prior_kind": ("affine_autoregressive", "'affine_autoregressive' or 'spline_autoregressive'"),
     "conv_channels": ([32, 64], "conv network channels (encoder order; the decoder reverses them)"),
+    "logit_rank": (32, "features per pixel of the categorical256 MLP decoder, mapped to the 256 "
+                   "logits by a 1x1 layer shared by all pixels (FactoredLogits); 0 for a dense "
+                   "output layer"),
 }
 
 
@@ -238,7 +241,49 @@ def _loc_scale(kind: type) -> Callable[[VAEConfig], nn.Module]:
 
 
 def _categorical256(cfg: VAEConfig) -> nn.Module:
-    return Categorical256(_decoder(cfg, 256), num_levels=256)
+    rank = _option(cfg, "logit_rank")
+    if cfg.network != "mlp" or rank == 0:  # the conv decoder's output layer is already shared
+        return Categorical256(_decoder(cfg, 256), num_levels=256)
+    h = tuple(cfg.hidden_dims)
+    trunk = (
+        MLP(cfg.latent_dim, h[:-1], h[-1], cfg.activation, activate_output=True) if h else nn.Identity()
+    )
+    head = FactoredLogits(h[-1] if h else cfg.latent_dim, cfg.num_features, 256, rank)
+    return Categorical256(nn.Sequential(trunk, head), num_levels=256)
+
+
+#: Options that a saved config states even when they were left at their default (see
+#: :func:`_pin_options`).
+_PINNED_OPTIONS = ("logit_rank",)
+
+
+def _lacks_logit_rank(config: Mapping[str, Any]) -> bool:
+    """Whether a config dict describes a categorical256 MLP decoder without saying its
+    ``logit_rank``."""
+    options = config.get("options")
+    return (
+        config.get("likelihood") == "categorical256"
+        and config.get("network", "mlp") == "mlp"
+        and isinstance(options, dict)
+        and "logit_rank" not in options
+    )
+
+
+def _pin_options(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict (``dataclasses.asdict`` of a :class:`VAEConfig`) with the options whose
+    default may change set to the value used: what a run folder stores, so that it always
+    rebuilds the same model."""
+    if _lacks_logit_rank(config):
+        config = {**config, "options": {**config["options"], "logit_rank": OPTIONS["logit_rank"][0]}}
+    return config
+
+
+def _upgrade_saved(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved config dict as this version reads it: one without ``logit_rank`` was saved before
+    the option existed, when the categorical256 decoder had a dense output layer."""
+    if _lacks_logit_rank(config):
+        config = {**config, "options": {**config["options"], "logit_rank": 0}}
+    return config
 
 
 #: name -> factory(config, likelihood) for the prior (a VampPrior gets the family from the VAE).
@@ -294,6 +339,11 @@ def _check_option(name: str, value: Any) -> None:
     """Raise :class:`ConfigError` if ``value`` is not a sound value of option ``name``."""
     if name in ("num_transforms", "num_components", "num_pseudo_inputs", "count_bins"):
         check_positive_int(value, f"option {name}")
+    elif name == "logit_rank" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ConfigError(
+            f"option logit_rank must be an integer >= 1 (features per pixel of the categorical256 "
+            f"logit head) or 0 (a dense output layer), got {value!r}"
+        )
     elif name == "flow_hidden_dims" and value is not None:
         _positive_ints(value, "option flow_hidden_dims", allow_empty=False)
     elif name == "conv_channels":

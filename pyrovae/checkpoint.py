@@ -174,7 +174,10 @@ def _write_error(target: Path, e: OSError, payload: Any) -> CheckpointError:
 
 # ---------------------------------------------------------------------------------- description
 def _config_dict(config: Any) -> dict[str, Any] | None:
-    """A :class:`VAEConfig` (or a dict of one) as a JSON-compatible dict."""
+    """A :class:`VAEConfig` (or a dict of one) as a JSON-compatible dict, with the options whose
+    default may change pinned to the value used."""
+    from .build import _pin_options
+
     if config is None:
         return None
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
@@ -186,7 +189,7 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
             f"config must be a pyrovae.build.VAEConfig or a dict, got {type(config).__name__}"
         )
     try:
-        return json.loads(json.dumps(d))  # tuples -> lists; fails on non-JSON values
+        return _pin_options(json.loads(json.dumps(d)))  # tuples -> lists; fails on non-JSON values
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config cannot be stored as JSON ({e}); use plain numbers and strings") from None
 
@@ -405,7 +408,9 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{target} holds no model configuration (a 'vae' entry); restore it or retrain"
         )
-    return cfg
+    from .build import _upgrade_saved
+
+    return {**cfg, "vae": _upgrade_saved(cfg["vae"])}
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -522,12 +527,17 @@ def load_checkpoint(
             raise ConfigError(f"vae must be a torch.nn.Module, got {type(vae).__name__}")
         problem = _mismatch(ckpt["model"], vae.state_dict())
         if problem is not None:
+            from .build import _lacks_logit_rank
+
             cfg = (ckpt.get("model_description") or {}).get("config")
-            fix = (
-                f"build the model from the checkpoint's config {cfg} or use pyrovae.load_model"
-                if cfg
-                else "build the model with the same parts and sizes as the saved one"
-            )
+            if isinstance(cfg, dict) and _lacks_logit_rank(cfg):
+                fix = ("it was saved before the option logit_rank existed, with a dense "
+                       "categorical256 output layer: build it with options={'logit_rank': 0} "
+                       "or use pyrovae.load_model")
+            elif cfg:
+                fix = f"build the model from the checkpoint's config {cfg} or use pyrovae.load_model"
+            else:
+                fix = "build the model with the same parts and sizes as the saved one"
             raise CheckpointError(
                 f"checkpoint {target} belongs to a different model: {problem}; {fix}"
             )
@@ -569,7 +579,9 @@ def _read_config(run: Path, ckpt: Mapping[str, Any]) -> dict[str, Any]:
             f"{run} holds no model configuration ({CONFIG_NAME}); build the VAE yourself and "
             "call pyrovae.load_checkpoint(path, vae=...)"
         )
-    return cfg
+    from .build import _upgrade_saved
+
+    return _upgrade_saved(cfg)
 
 
 def load_model(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:

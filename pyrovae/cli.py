@@ -444,7 +444,7 @@ def _flag(dest: str) -> str:
 def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
     """Check ``--resume RUN`` and fill ``args`` with the run's saved options; return its
     :class:`~pyrovae.build.VAEConfig`."""
-    from .build import VAEConfig
+    from .build import _PINNED_OPTIONS, VAEConfig
     from .checkpoint import CHECKPOINT_NAME, CONFIG_NAME, read_config
 
     run = args.resume
@@ -472,6 +472,9 @@ def _resume_run(args: argparse.Namespace, given: set[str]) -> Any:
         value = getattr(args, dest)
         value = _parse_options(value) if dest == "option" else value
         stored = vae_fields.get(field)
+        if dest == "option" and isinstance(stored, dict):
+            # An option the run pinned when it was saved (its value then) is not retyped.
+            value = {**{k: stored[k] for k in _PINNED_OPTIONS if k in stored}, **value}
         if dest == "hidden_dims":
             value, stored = list(value), list(stored or [])
         if value != stored:
