@@ -30,11 +30,10 @@ protocol and exits (the row is then marked ``complete: false`` unless the schedu
 After each evaluation it rewrites ``benchmarks/results/mnist_nll.json`` (one row per setting),
 ``mnist_nll.md`` and ``mnist_nll_curve.png``.
 
-Learning rate and eps per stage. ``pyrovae.fit`` builds ``torch.optim.Adam(lr=lr)`` with torch's
-default eps (1e-8) and, on resume, takes lr and eps from the checkpoint. The stages therefore run
-as successive ``fit(..., resume=True)`` calls, and a ``torch.optim`` step pre-hook (a public
-torch API: ``torch.optim.optimizer.register_optimizer_step_pre_hook``) sets ``lr`` and ``eps`` of
-the optimizer over this model's parameters before every step; the checkpoints carry them.
+Learning rate and eps per stage: ``pyrovae.fit(lr=schedule, adam_eps=eps)``, the schedule a
+function of the epoch applied at each epoch's start (also after a resume, over the checkpoint's
+saved rate). The stages run as successive ``fit(..., resume=True)`` calls that stop at the
+learning-curve points.
 
 To move a run to another machine, ``--save-state`` copies the checkpoint and the run's JSON to
 ``benchmarks/results/mnist_nll_state/<setting>.{pt,json}``; a later invocation whose run folder
@@ -68,7 +67,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -325,27 +323,6 @@ def make_loss(setting: str, spec: dict[str, Any]) -> Any:
 
     # the VAE has one plate: no guessing at the first step (it would draw from the RNG)
     return IWAE(num_particles=spec["k"], max_plate_nesting=1)
-
-
-@contextlib.contextmanager
-def adam_settings(params: list[torch.Tensor], lr: float, eps: float) -> Iterator[None]:
-    """Set ``lr`` and ``eps`` of every optimizer over these parameters before each of its steps
-    (``pyrovae.fit`` cannot take them yet; see the module docstring)."""
-    import torch.optim.optimizer as optim_module
-
-    ids = {id(p) for p in params}
-
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        for group in optimizer.param_groups:
-            if group["params"] and id(group["params"][0]) in ids:
-                group["lr"] = lr
-                group["eps"] = eps
-
-    handle = optim_module.register_optimizer_step_pre_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -786,17 +763,16 @@ def run(args: argparse.Namespace) -> None:
         pyro.clear_param_store()
         vae = build_vae(make_config(spec, train.num_features), num_data=len(train))
         resume = (run_dir / "checkpoint.pt").is_file()
-        params = [p for p in vae.parameters() if p.requires_grad]
 
         def log(epoch: int, h: Any, stage: int = stage, lr: float = lr) -> None:
             print(f"  [{args.setting}] epoch {epoch:4d}/{total} stage {stage} lr {lr:.2e} "
                   f"train bound {h.train_elbo[-1]:8.2f} ({h.epoch_seconds[-1]:.1f} s)", flush=True)
 
-        with adam_settings(params, lr, schedule["eps"]):
-            history = fit(vae, train, loss=loss, num_epochs=target, batch_size=schedule["batch_size"],
-                          lr=lr, seed=args.seed, device=args.device, progress=False,
-                          kl_warmup_epochs=schedule["kl_warmup_epochs"], on_epoch_end=log,
-                          checkpoint_dir=run_dir, resume=True if resume else None)
+        history = fit(vae, train, loss=loss, num_epochs=target, batch_size=schedule["batch_size"],
+                      lr=lambda epoch: stage_at(schedule, epoch)[2], adam_eps=schedule["eps"],
+                      seed=args.seed, device=args.device, progress=False,
+                      kl_warmup_epochs=schedule["kl_warmup_epochs"], on_epoch_end=log,
+                      checkpoint_dir=run_dir, resume=True if resume else None)
         trained += target - done
         done = history.num_epochs
         last_epoch_seconds = history.epoch_seconds[-1]
@@ -822,9 +798,8 @@ def measure_speed(args: argparse.Namespace) -> None:
         sub = train.subset(n)
         torch.manual_seed(args.seed)
         vae = build_vae(make_config(spec, train.num_features), num_data=n)
-        params = [p for p in vae.parameters() if p.requires_grad]
-        with adam_settings(params, 1e-3, 1e-4):
-            h = fit(vae, sub, num_epochs=1, batch_size=bs, seed=args.seed, progress=False)
+        h = fit(vae, sub, num_epochs=1, batch_size=bs, lr=1e-3, adam_eps=1e-4, seed=args.seed,
+                progress=False)
         rate = h.num_steps / h.epoch_seconds[0]
         per_epoch = 60000 / bs / rate
         measurements.append({"batch_size": bs, "steps": h.num_steps, "steps_per_second": rate,

@@ -37,6 +37,7 @@ SIGTERM (a scheduler's preemption) finishes the step in progress, writes a check
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import signal
@@ -408,15 +409,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ step
-def _adam(params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+def _adam(params: list[torch.Tensor], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this torch and device have it (one kernel for all
     parameters instead of one small op per tensor: ~2 ms per step of a 784-400-400-50 VAE on a
     CPU), else the default implementation. Both compute the same update; the fused one can also
     skip an update on the device (``found_inf``), without a host synchronization."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(params, lr=lr, eps=eps)
 
 
 def _nonfinite_gradient(params: list[torch.Tensor], clip_grad_norm: float | None) -> torch.Tensor:
@@ -564,6 +565,19 @@ def _report(state: TrainState, max_bad_steps: int, ckpt_dir: Path | None) -> Non
     state.reported_streak = streak
 
 
+def _scheduled_lr(schedule: Callable[[int], float], epoch: int) -> float:
+    """The schedule's learning rate for ``epoch``, checked."""
+    try:
+        rate = schedule(epoch)
+    except Exception as e:
+        raise ConfigError(f"the lr schedule failed at epoch {epoch}: {type(e).__name__}: {e}") from e
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (0 < rate < math.inf):
+        raise ConfigError(
+            f"the lr schedule must return a positive finite number, got {rate!r} at epoch {epoch}"
+        )
+    return float(rate)
+
+
 def _rank_seed(seed: int, rank: int) -> int:
     """Rank 0 keeps ``seed`` (one process and rank 0 of many draw alike); other ranks draw
     independent latent noise."""
@@ -665,7 +679,8 @@ def fit(
     loss: ELBO | None = None,
     num_epochs: int = 10,
     batch_size: int = 128,
-    lr: float = 1e-3,
+    lr: float | Callable[[int], float] = 1e-3,
+    adam_eps: float | None = None,
     validation: Any = None,
     seed: int | None = 0,
     device: Any = None,
@@ -693,7 +708,12 @@ def fit(
     :param num_epochs: passes over ``train`` in all (a resumed run counts the epochs already done).
     :param batch_size: datapoints per minibatch (at most ``len(train)``); under ``torchrun`` the
         global minibatch, split across the processes (see :mod:`pyrovae.distributed`).
-    :param lr: Adam's learning rate (a resumed run keeps the checkpoint's).
+    :param lr: Adam's learning rate (a resumed run keeps the checkpoint's), or a schedule: a
+        function of the epoch (0-based) giving that epoch's rate, applied at each epoch's start,
+        so a resumed run follows it too (e.g. Burda et al.'s ``lambda e: 1e-3 * 10 ** (-stage(e)
+        / 7)``). It must return a positive finite number for every epoch.
+    :param adam_eps: Adam's :math:`\epsilon` (``None``: torch's 1e-8 for a new run, the
+        checkpoint's for a resumed one; a number is applied to a resumed run too).
     :param validation: optional held-out data; its ELBO per datapoint is measured every epoch.
     :param seed: seeds Pyro and torch (every draw) and the minibatch order (epoch ``e`` uses a
         permutation seeded by ``(seed, e)``); ``None`` draws a seed from the global RNG. A resumed
@@ -736,7 +756,10 @@ def fit(
     """
     num_epochs = check_positive_int(num_epochs, "num_epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
-    lr = check_positive_float(lr, "lr")
+    lr_schedule = lr if callable(lr) else None
+    lr = _scheduled_lr(lr_schedule, 0) if lr_schedule is not None else check_positive_float(lr, "lr")
+    if adam_eps is not None:
+        adam_eps = check_positive_float(adam_eps, "adam_eps")
     beta = check_positive_float(beta, "beta")
     if isinstance(kl_warmup_epochs, bool) or not isinstance(kl_warmup_epochs, (int, float)) or not (
         0 <= kl_warmup_epochs < math.inf
@@ -804,7 +827,7 @@ def fit(
     params = [p for p in vae.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the VAE has no trainable parameters")
-    optimizer = _adam(params, lr)
+    optimizer = _adam(params, lr, 1e-8 if adam_eps is None else adam_eps)
     if config is None:
         config = getattr(vae, "config", None)
 
@@ -825,6 +848,9 @@ def fit(
         if group is not None:
             distributed._broadcast_module(vae, group)
     state.to(device)
+    if adam_eps is not None:  # also over a resumed optimizer's saved eps
+        for group_ in optimizer.param_groups:
+            group_["eps"] = adam_eps
     if ckpt_dir is not None and main:
         from .checkpoint import _remove_stale_temporaries, save_config
 
@@ -876,6 +902,10 @@ def fit(
         for epoch in range(state.epoch, num_epochs):
             if state.epoch != epoch or state.batch == 0:
                 state.start_epoch(epoch)
+            if lr_schedule is not None:  # the epoch's rate, also after a resume mid-epoch
+                rate = _scheduled_lr(lr_schedule, epoch)
+                for group_ in optimizer.param_groups:
+                    group_["lr"] = rate
             first = state.batch
             # Minibatches are gathered directly (a DataLoader iterator would draw a seed from the
             # global RNG at each epoch's start, which a mid-epoch resume could not replay).

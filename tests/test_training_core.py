@@ -410,3 +410,71 @@ def test_fit_evaluates_trace_elbo_without_tracing_only_where_it_is_the_same_prog
         [p.detach().flatten() for p in build_vae(
             VAEConfig(num_features=6, latent_dim=2, hidden_dims=(4,)), num_data=20).parameters()]
     ))
+
+
+# ------------------------------------------------------------------------ lr schedule, Adam eps
+class _RateLog:
+    """Records (epoch, lr, eps) at every step."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def on_step_end(self, state: TrainState) -> None:
+        g = state.optimizer.param_groups[0]
+        self.seen.append((state.epoch, g["lr"], g["eps"]))
+
+
+def test_lr_schedule_sets_each_epochs_rate_and_a_constant_one_equals_a_number() -> None:
+    vae, data = _setup()
+    log = _RateLog()
+    rates = [3e-2, 1e-2, 3e-3]
+    fit(vae, data, lr=lambda e: rates[e], adam_eps=1e-4, num_epochs=3, batch_size=16,
+        progress=False, callbacks=[log])
+    assert {(e, lr, eps) for e, lr, eps in log.seen} == {(e, rates[e], 1e-4) for e in range(3)}
+    assert len(log.seen) == 3 * (N // 16)
+    const, _ = _setup()
+    number, _ = _setup()
+    fit(const, data, lr=lambda e: 1e-2, num_epochs=2, batch_size=16, progress=False)
+    fit(number, data, lr=1e-2, num_epochs=2, batch_size=16, progress=False)
+    assert all(torch.equal(v, _params(number)[k]) for k, v in _params(const).items())
+
+
+def test_lr_schedule_and_eps_survive_a_resume(tmp_path: Path) -> None:
+    """Interrupted after epoch 1 and resumed with the same schedule: bit-identical to a run
+    never interrupted (the checkpoint's saved lr is overridden by the schedule); adam_eps=None
+    on resume keeps the checkpoint's eps, a number replaces it."""
+    schedule = lambda e: 1e-2 * 10 ** (-e / 2)  # noqa: E731
+    whole, data = _setup()
+    fit(whole, data, lr=schedule, adam_eps=1e-4, num_epochs=3, batch_size=16, progress=False, seed=3)
+    part, _ = _setup()
+    fit(part, data, lr=schedule, adam_eps=1e-4, num_epochs=1, batch_size=16, progress=False,
+        seed=3, checkpoint_dir=tmp_path / "run")
+    log = _RateLog()
+    fit(part, data, lr=schedule, num_epochs=3, batch_size=16, progress=False, seed=3,
+        resume=tmp_path / "run", callbacks=[log])
+    assert all(torch.equal(v, _params(whole)[k]) for k, v in _params(part).items())
+    assert {(e, eps) for e, _, eps in log.seen} == {(1, 1e-4), (2, 1e-4)}
+    log = _RateLog()
+    fit(part, data, lr=1e-3, adam_eps=1e-6, num_epochs=4, batch_size=16, progress=False,
+        seed=3, resume=tmp_path / "run", callbacks=[log])
+    assert {(lr, eps) for _, lr, eps in log.seen} == {(schedule(2), 1e-6)}  # a number keeps the saved lr
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda e: 0.0, "positive finite number, got 0.0 at epoch 0"),
+    (lambda e: math.nan, "positive finite number, got nan at epoch 0"),
+    (lambda e: "0.1", "positive finite number, got '0.1' at epoch 0"),
+    (lambda e: 1e-3 if e == 0 else -1.0, "got -1.0 at epoch 1"),
+    (lambda e: [1e-3][e], "failed at epoch 1: IndexError"),
+])
+def test_bad_lr_schedules_are_refused_naming_the_epoch(bad, message, tmp_path: Path) -> None:
+    vae, data = _setup()
+    with pytest.raises(pyrovae.ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        fit(vae, data, lr=bad, num_epochs=2, batch_size=16, progress=False,
+            checkpoint_dir=tmp_path / "run")
+    if "epoch 1" in message:  # epoch 0's checkpoint is intact and resumable
+        assert read_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["history"]["num_steps"] == N // 16
+    else:  # refused before anything was set up or written
+        assert not (tmp_path / "run").exists()
+    with pytest.raises(pyrovae.ConfigError, match="adam_eps"):
+        fit(vae, data, adam_eps=0.0, num_epochs=1, progress=False)
