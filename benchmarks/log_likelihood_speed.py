@@ -61,11 +61,11 @@ def bare_log_likelihood(vae: VAE, x: torch.Tensor, k: int, max_rows: int = 2048)
     out = []
     for start in range(0, len(x), points):
         xb = x[start : start + points]
-        q = vae.family(xb, torch.arange(len(xb))).base_dist  # Normal(loc, scale), (B, L)
+        q = vae.family(xb, torch.arange(len(xb), device=xb.device)).base_dist  # Normal(loc, scale), (B, L)
         loc, scale = q.loc, q.scale
         log_w = []
         for k0 in range(0, k, per_call):
-            eps = torch.randn((min(per_call, k - k0), *loc.shape), dtype=loc.dtype)
+            eps = torch.randn((min(per_call, k - k0), *loc.shape), dtype=loc.dtype, device=loc.device)
             z = loc + scale * eps
             log_px = -F.binary_cross_entropy_with_logits(
                 decoder(z), xb.expand(z.shape[0], *xb.shape), reduction="none"
