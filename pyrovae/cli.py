@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model on the bundled sample on 2 CPU cores, and samples that look like digits)")
     g.add_argument("--batch-size", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    g.add_argument("--adam-eps", type=float, default=None, metavar="EPS",
+                   help="Adam's epsilon (default: torch's 1e-8; Burda et al. used 1e-4)")
     g.add_argument("--num-train", type=int, default=None, metavar="N",
                    help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
@@ -418,7 +420,7 @@ _RUN_OPTIONS = (
     "epochs", "batch_size", "lr", "seed", "checkpoint_every_steps", "clip_grad_norm",
 )
 # Run options that older runs did not save (absent means the default).
-_OPTIONAL_RUN_OPTIONS = {"num_train": None, "gradient": "standard"}
+_OPTIONAL_RUN_OPTIONS = {"num_train": None, "gradient": "standard", "adam_eps": None}
 # Model options and the VAEConfig field each one sets.
 _MODEL_OPTIONS = {
     "latent_dim": "latent_dim", "hidden_dims": "hidden_dims", "activation": "activation",
@@ -525,7 +527,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
             raise bad(dest, "a positive integer")
     if "hidden_dims" in args and any(h < 1 for h in args.hidden_dims):
         raise bad("hidden_dims", "positive integers")
-    for dest in ("lr", "beta", "clip_grad_norm"):
+    for dest in ("lr", "adam_eps", "beta", "clip_grad_norm"):
         value = getattr(args, dest, None)
         if value is not None and not (math.isfinite(value) and value > 0):
             raise bad(dest, "a positive finite number")
@@ -660,6 +662,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
     try:
         history = fit(
             vae, train, loss=loss, num_epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            adam_eps=args.adam_eps,
             validation=valid, seed=args.seed, device=device, progress=not args.no_progress,
             beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
             checkpoint_dir=out, checkpoint_every_steps=args.checkpoint_every_steps,

@@ -113,6 +113,7 @@ def test_interrupted_mid_epoch_resumes_from_step_checkpoint(
         (["--family", "iaf"], "saved family='diagonal'"),
         (["--option", "scale=0.1"], "saved options={}"),
         (["--lr", "0.01"], "--lr 0.01 conflicts with the run's saved lr=0.001"),
+        (["--adam-eps", "0.0001"], "--adam-eps 0.0001 conflicts with the run's saved adam_eps=None"),
         (["--dataset", "mnist"], "saved dataset='default'"),
         (["--batch-size", "50"], "saved batch_size=100"),
         (["--seed", "1"], "saved seed=0"),
@@ -176,3 +177,14 @@ def test_clip_grad_norm_option_reaches_fit(tmp_path: Path) -> None:
     )
     torch.testing.assert_close(float(norm), 0.1 * clip, rtol=1e-4, atol=0)
     assert json.loads((run / CONFIG_NAME).read_text())["cli"]["clip_grad_norm"] == clip
+
+
+def test_adam_eps_option_reaches_fit(tmp_path: Path) -> None:
+    """--adam-eps is the optimizer's epsilon in the checkpoint, and the run saves it."""
+    run = tmp_path / "run"
+    eps = 1e-4
+    assert main(["train", *TINY, "--epochs", "1", "--validation-fraction", "0",
+                 "--adam-eps", str(eps), "--out", str(run)]) == 0
+    ckpt = read_checkpoint(run)
+    assert {g["eps"] for g in ckpt["optimizer"]["param_groups"]} == {eps}
+    assert json.loads((run / CONFIG_NAME).read_text())["cli"]["adam_eps"] == eps

@@ -530,6 +530,7 @@ CLI_BAD = [
     (["--batch-size", "100000"], "larger than the 5400 training datapoints"),
     (["--lr", "0"], "--lr must be a positive finite number"),
     (["--lr", "nan"], "--lr must be a positive finite number"),
+    (["--adam-eps", "0"], "--adam-eps must be a positive finite number"),
     (["--beta", "-1"], "--beta must be a positive finite number"),
     (["--kl-warmup", "inf"], "--kl-warmup must be a finite number >= 0"),
     (["--num-particles", "0"], "--num-particles must be"),
