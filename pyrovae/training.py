@@ -8,7 +8,7 @@ Three pieces, in the spirit of NumPyro's ``SVIState`` / ``SVI.update`` / ``SVI.r
   read back with ``weights_only=True``), together with every random number generator's state.
 - :func:`train_step`: one SVI step, ``train_step(state, x, idx, objective) -> (state, loss)``.
   It owns the loss, the gradient (all-reduced across processes under ``torchrun``), clipping and
-  the skipping of non-finite steps, all without a host synchronization.
+  the skipping of non-finite steps, on an accelerator without a host synchronization.
 - :func:`fit`: the loop: minibatches in a reproducible order, then hooks for progress,
   checkpoints, validation and the user's callbacks. Resuming is loading a :class:`TrainState`.
 
@@ -468,10 +468,12 @@ def train_step(
 
     The loss :math:`\hat{\mathcal L}` (an estimate of the whole training set's negative objective)
     is differentiated; under ``torchrun`` the gradients of the ranks' shards are combined into
-    the gradient of the global minibatch (:func:`_all_reduce_gradients`). If the loss or the
-    gradient norm is not finite, or ``max_bad_steps`` such steps came in a row, the optimizer
-    skips the update on the device (the fused Adam's ``found_inf``): nothing is read back to
-    the host here, so a GPU never waits. :func:`fit` reports skipped steps later, in order.
+    the gradient of the global minibatch (:func:`_all_reduce_gradients`). If the loss or a
+    gradient is not finite, or ``max_bad_steps`` such steps came in a row, the update is
+    skipped: on an accelerator by the fused Adam on the device (its ``found_inf``), with nothing
+    read back to the host, so a GPU never waits; on a CPU, where the host reads the device's
+    flags every step anyway (``_SYNC_EVERY``), by not calling the optimizer (cheaper than the
+    fused Adam's ``found_inf`` bookkeeping). :func:`fit` reports skipped steps later, in order.
 
     :param state: the :class:`TrainState`; advanced in place and returned.
     :param x: this process's rows, shape ``(b, num_features)``, on the model's device.
