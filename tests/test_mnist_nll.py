@@ -96,8 +96,10 @@ def test_rows_have_the_documented_shape(first):
 
 
 def test_nll_is_pyrovaes_log_likelihood_of_the_saved_model(first):
+    """The curve point is log_likelihood of the saved model on the fixed random 40 test digits."""
     vae = load_model(first.run_dir)
-    expected = log_likelihood(vae, _test_set(40), num_samples=20, seed=1)
+    expected = log_likelihood(vae, bench.curve_subset(_test_set(), 40, "random"), num_samples=20, seed=1)
+    assert first.row()["curve_digits"] == "random" and first.row()["curve"][0]["test_digits"] == "random"
     assert first.row()["nll"] == pytest.approx(-expected.mean, abs=1e-6)
     assert first.row()["stderr"] == pytest.approx(expected.stderr, abs=1e-6)
 
@@ -221,3 +223,37 @@ def test_iwae_setting_trains_with_pyrovae_losses(tmp_path, one_thread):
     ckpt = read_checkpoint(run)
     assert ckpt["training_state"]["settings"]["loss"] == "IWAE"
     assert len(ckpt["history"]["train_elbo"]) == 1
+
+
+def test_curve_subsets():
+    """"first" is the first n digits; "random" a fixed subset in test-set order, the same on
+    every call, not the first n; all digits when n covers the test set."""
+    test = _test_set()
+    first = bench.curve_subset(test, 30, "first")
+    assert torch.equal(first[torch.arange(30)][0], test[torch.arange(30)][0])
+    a, b = bench.curve_subset(test, 30, "random"), bench.curve_subset(test, 30, "random")
+    assert torch.equal(a[torch.arange(30)][0], b[torch.arange(30)][0])
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(bench.CURVE_DIGITS_SEED))
+    idx = order[:30].sort().values
+    assert not torch.equal(idx, torch.arange(30))
+    assert torch.equal(a[torch.arange(30)][0], test[idx][0])
+    assert bench.curve_subset(test, None, "random") is test
+
+
+def test_a_run_begun_on_the_first_digits_keeps_them(first, tmp_path, one_thread):
+    """A run folder whose curve has points but no curve_digits (begun before the choice
+    existed) goes on scoring the first digits, so its curve stays comparable."""
+    run = Run(tmp_path)
+    shutil.copytree(first.run_dir, run.run_dir)
+    meta_path = run.run_dir / bench.META_NAME
+    meta = json.loads(meta_path.read_text())
+    del meta["curve_digits"]
+    meta_path.write_text(json.dumps(meta))
+    assert run("--max-epochs", "3") == 0  # reaches the curve point at epoch 4
+    meta = json.loads(meta_path.read_text())
+    assert meta["curve_digits"] == "first"
+    vae = load_model(run.run_dir)
+    expected = log_likelihood(vae, _test_set(40), num_samples=20, seed=1)
+    last = max(meta["curve"], key=lambda c: c["epochs"])
+    assert last["epochs"] == 4 and last["test_digits"] == "first"
+    assert last["nll"] == pytest.approx(-expected.mean, abs=1e-6)
