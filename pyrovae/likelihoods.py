@@ -57,7 +57,7 @@ class _BernoulliLogProb(torch.autograd.Function):
 
     With :math:`\mathrm{softplus}(\ell) = \max(\ell, 0) + \log(1 + e^{-|\ell|})`: the same
     function as ``-binary_cross_entropy_with_logits(logits, x)``, whose CPU kernel evaluates
-    ``log1p``, which the PyTorch 2.14 / 2.15 CPU builds measured for pyrovae do not vectorize
+    ``log1p``, which the PyTorch 2.14 CPU build measured for pyrovae does not vectorize
     (about 10 ns per element on an AVX-512 CPU, against about 1 ns for ``exp`` and ``log``; see
     ``benchmarks/results/log_likelihood_speed.md``). Writing ``log(1 + u)`` for
     :math:`u = e^{-|\ell|} \in (0, 1]` costs at most one rounding of :math:`1 + u`
