@@ -512,7 +512,7 @@ def train_step(
     loss_bad = ~torch.isfinite(value)
     bad = loss_bad | _nonfinite_gradient(params, clip_grad_norm).to(device)
     skip = bad | state.stopped
-    if _SYNC_EVERY.get(device.type, _SYNC_EVERY["default"]) == 1:
+    if _sync_every(device) == 1:
         if not bool(skip):  # a device whose flags the host reads every step anyway (a CPU)
             optimizer.step()
     elif optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
@@ -898,7 +898,7 @@ def fit(
 
     # The host reads the device's step flags every `sync_every` steps (at once on a CPU, where
     # that costs nothing), and before every checkpoint and epoch end.
-    sync_every = _SYNC_EVERY.get(device.type, _SYNC_EVERY["default"])
+    sync_every = _sync_every(device)
     vae.train()
     with _SignalFlag(ckpt_dir is not None) as sigterm:
         for epoch in range(state.epoch, num_epochs):
@@ -975,3 +975,8 @@ def fit(
 
 #: Steps between host reads of the device's step flags, by device type.
 _SYNC_EVERY = {"cpu": 1, "default": 32}
+
+
+def _sync_every(device: torch.device) -> int:
+    """Steps between host reads of ``device``'s step flags (1: every step, as on a CPU)."""
+    return _SYNC_EVERY.get(device.type, _SYNC_EVERY["default"])
