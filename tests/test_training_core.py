@@ -228,6 +228,36 @@ def test_lazy_host_checks_stop_at_the_exact_step(monkeypatch) -> None:
     assert all(torch.equal(v, good[k]) for k, v in _params(vae).items())
 
 
+@pytest.mark.parametrize("sync_every", [1, 32], ids=["host flags (cpu)", "device flags"])
+def test_train_step_alone_skips_bad_steps_and_stops_after_a_streak(sync_every, monkeypatch) -> None:
+    """train_step without fit (no host report): bad steps leave the parameters alone and are not
+    summed; after max_bad_steps in a row no update is applied, even a good one; the running sums
+    count the good steps only. The same on the host path (a CPU) and the device path."""
+    from test_faults import FaultyELBO
+
+    monkeypatch.setitem(training._SYNC_EVERY, "cpu", sync_every)
+    vae, data = _setup()
+    loss = FaultyELBO(vae, {2: "nan", 4: "grad", 5: "inf", 6: "nan"})
+    state = TrainState(vae, training._adam(list(vae.parameters()), 1e-3), seed=0)
+    obj = objective(vae, loss)
+    values = []
+    with pyro.validation_enabled(False), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(1, 9):
+            _, value = train_step(state, data[:8], torch.arange(8), obj, max_bad_steps=3)
+            values.append(float(value))
+            assert int(state.bad_streak) == {2: 1, 4: 1, 5: 2, 6: 3}.get(step, 0)
+            assert bool(state.stopped) == (step >= 6)
+    loss.before.append(_params(vae))  # parameters after step 8
+    moved = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(loss.before, loss.before[1:])]
+    assert moved == [True, False, True, False, False, False, False, False]
+    good = [-values[0] / N * 8, -values[2] / N * 8]  # steps 1 and 3 (step 4's loss is finite)
+    assert int(state.datapoints) == 16
+    assert float(state.objective_sum) == pytest.approx(sum(good), rel=1e-12)
+    assert [r[4] if isinstance(r[4], bool) else bool(r[4]) for r in state.unreported] == [
+        False, True, False, True, True, True, False, False]
+
+
 # ------------------------------------------------------------------------------------ full disk
 def test_full_disk_keeps_previous_checkpoint_and_resumes(tmp_path: Path, monkeypatch) -> None:
     """ENOSPC while writing the second checkpoint: one line naming the folder and the space
