@@ -14,6 +14,11 @@ tracing (``VAE.trace_elbo_loss``: the same loss, gradients equal to the bit); ``
 ``Trace_ELBO`` subclass runs Pyro's tracing, and is measured too. A breakdown times the phases of
 one step (loss forward, backward, optimizer) for each, to say where the remaining time goes.
 
+The headline ratios come from ``fit``'s epochs alternating with the hand-written loops' epochs
+in one run (a callback runs one epoch of each hand-written loop after each of ``fit``'s): the
+median over blocks of the paired ratio, with a bootstrap 95 % interval. The same is measured for
+``fit(compile=True)`` (``torch.compile``'d loss; compilation falls in an untimed first epoch).
+
 Run: ``python benchmarks/train_throughput.py [--threads 2] [--rounds 6] [--out FILE]``
 """
 
@@ -192,7 +197,7 @@ class _HandLoop:
         return time.perf_counter() - start
 
 
-def interleaved(data: torch.Tensor, blocks: int) -> dict[str, list[float]]:
+def interleaved(data: torch.Tensor, blocks: int, compile: bool = False) -> dict[str, list[float]]:
     """Block seconds of ``fit`` and of both hand-written loops, strictly alternating: after each
     of ``fit``'s epochs (timed by ``fit`` itself, before its epoch-end hooks run), a hook runs one
     epoch of each hand-written loop. Neighbouring blocks see nearly the same machine, so the ratio
@@ -208,7 +213,7 @@ def interleaved(data: torch.Tensor, blocks: int) -> dict[str, list[float]]:
 
     vae = _pyrovae_vae(len(data))
     history = pyrovae.fit(vae, data, num_epochs=blocks + 1, batch_size=BATCH, progress=False,
-                          callbacks=[Turns()])
+                          callbacks=[Turns()], compile=compile)
     out = {name: ts[1:] for name, ts in out.items()}  # the first block of each: warm-up
     out["fit"] = history.epoch_seconds[1:]
     return out
@@ -239,6 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=60,
                         help="alternating blocks of fit and the hand-written loops")
     parser.add_argument("--breakdown-steps", type=int, default=200)
+    parser.add_argument("--no-compiled", dest="compiled", action="store_false",
+                        help="skip fit(compile=True) (torch.compile needs a C++ compiler on a CPU)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
@@ -267,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         for f, r in zip(seconds["fit"], seconds["hand-written, fused Adam"])
     ]
     turns = interleaved(data, args.pairs)
+    # fit(compile=True): torch.compile'd loss; its compilation falls in the untimed first epoch.
+    turns_compiled = interleaved(data, args.pairs, compile=True) if args.compiled else None
     phases = breakdown(data, args.breakdown_steps)
     phases["pyrovae fit, rest of the loop"] = {
         "step": 1000 / fit_["best"] - phases["pyrovae train_step (whole step)"]["step"]
@@ -283,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
         # The headline: fit's epochs alternating with the hand-written loops' (paired blocks).
         "paired_ratio_vs_fused_adam_reference": _paired(turns["fit"], turns["hand-written, fused Adam"]),
         "paired_ratio_vs_default_adam_reference": _paired(turns["fit"], turns["hand-written, default Adam"]),
+        "compiled_paired_ratio_vs_fused_adam_reference": turns_compiled and _paired(
+            turns_compiled["fit"], turns_compiled["hand-written, fused Adam"]),
+        "compiled_paired_ratio_vs_default_adam_reference": turns_compiled and _paired(
+            turns_compiled["fit"], turns_compiled["hand-written, default Adam"]),
         "interleaved_steps_per_second": {
             name: _rates(ts, args.block) for name, ts in turns.items()
         },
@@ -297,6 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "block_seconds": seconds,
         "interleaved_block_seconds": turns,
+        "compiled_interleaved_block_seconds": turns_compiled,
         "ms_per_step_by_phase": phases,
         "torch": torch.__version__,
         "pyro": __import__("pyro").__version__,
@@ -306,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_at_end": list(os.getloadavg()),
     }
     summary = {k: v for k, v in result.items()
-               if k not in ("block_seconds", "interleaved_block_seconds", "ms_per_step_by_phase")}
+               if k not in ("block_seconds", "interleaved_block_seconds",
+                            "compiled_interleaved_block_seconds", "ms_per_step_by_phase")}
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     g.add_argument("--adam-eps", type=float, default=None, metavar="EPS",
                    help="Adam's epsilon (default: torch's 1e-8; Burda et al. used 1e-4)")
+    g.add_argument("--compile", action="store_true",
+                   help="compile the loss with torch.compile (default loss only; ~10-25 s of "
+                   "compiling, then ~5-8%% faster steps on a CPU: for long runs)")
     g.add_argument("--num-train", type=int, default=None, metavar="N",
                    help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
@@ -667,7 +670,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
             beta=args.beta, kl_warmup_epochs=args.kl_warmup, on_epoch_end=report,
             checkpoint_dir=out, checkpoint_every_steps=args.checkpoint_every_steps,
             resume=True if resuming else None, config=config, clip_grad_norm=args.clip_grad_norm,
-            process_group=group if group is not None else False,
+            process_group=group if group is not None else False, compile=args.compile,
         )
     except CheckpointError as e:
         if str(e).startswith("cannot write checkpoint") and (out / CHECKPOINT_NAME).exists():

@@ -50,6 +50,7 @@ def test_train_swaps_from_the_command_line(tmp_path, capsys, args, expect):
     (["--binarize", "none"], "binarize it first (--binarize dynamic)"),
     (["--dataset", "mnist", "--data-root", "/nonexistent/folder"], "--data-root"),
     (["--loss", "elbo", "--gradient", "dreg"], "use --loss iwae"),
+    (["--loss", "iwae", "--compile"], "train without compile=True (--compile)"),
 ])
 def test_refused_runs_speak_cli_and_leave_no_folder(tmp_path, capsys, args, message):
     """A refused run prints one line in the CLI's own words and leaves no run folder behind."""
