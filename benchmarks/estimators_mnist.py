@@ -1,7 +1,7 @@
 """log p(x) estimators side by side on an MNIST VAE: importance sampling vs AIS, and BDMC.
 
 Scores a trained 784-200-200-50 tanh VAE (``--model``: a run folder or a checkpoint file, e.g.
-the MNIST reproduction's ``/work/pyrovae-runs/mnist_nll/vae-dynamic-k1``; without it, a model
+the MNIST reproduction's ``../pyrovae-runs/mnist_nll/vae-dynamic-k1``; without it, a model
 trained here for ``--epochs`` epochs) on the first ``--test-points`` MNIST test digits (the whole
 test set binarized once with ``--binarize-seed``, as benchmarks/mnist_nll.py does, so its
 learning-curve NLL is on the same digits):
@@ -17,7 +17,7 @@ bound), with IS on the same simulated digits.
 
 **Resumable.** The work is cut into units (one estimator on one block of ``--block`` test
 digits or ``--sim-block`` simulated digits); each finished unit is saved in the state folder
-(``--state``, default ``/work/pyrovae-runs/estimators_mnist``) as ``units/<name>.json`` with its
+(``--state``, default ``../pyrovae-runs/estimators_mnist``) as ``units/<name>.json`` with its
 per-digit values and its wall and CPU seconds. Each invocation continues with the next
 unfinished unit, cheapest part first (IS, then BDMC and AIS in increasing cost: all of AIS
 T=1000 before any of T=10000), and stops before a unit that would end past ``--max-hours``;
@@ -48,8 +48,8 @@ estimators_mnist.md``, saying which parts are complete and which partial.
 Usage::
 
     PYROVAE_DATA=/path/to/data nohup nice -n 15 python benchmarks/estimators_mnist.py \\
-        --model /work/pyrovae-runs/mnist_nll/vae-dynamic-k1 --threads 1 \\
-        >> /work/pyrovae-runs/estimators_mnist/log.txt 2>&1 &      # start or continue
+        --model ../pyrovae-runs/mnist_nll/vae-dynamic-k1 --threads 1 \\
+        >> ../pyrovae-runs/estimators_mnist/log.txt 2>&1 &      # start or continue
     python benchmarks/estimators_mnist.py --max-hours 2                 # continue for 2 hours
     python benchmarks/estimators_mnist.py --report                      # only rewrite the results
     python benchmarks/estimators_mnist.py --quick [--dataset default]   # smoke test, < 1 min
@@ -82,7 +82,8 @@ if str(HERE.parent) not in sys.path:  # the pyrovae of this tree, not whichever 
     sys.path.insert(0, str(HERE.parent))
 RESULTS = HERE / "results"
 SNIPPET = HERE.parent / "docs" / "readme-snippets" / "estimators_mnist.md"
-DEFAULT_STATE = Path("/work/pyrovae-runs/estimators_mnist")
+#: Beside the clone (outside the git tree): ``<clone>/../pyrovae-runs``.
+DEFAULT_STATE = Path(__file__).resolve().parents[2] / "pyrovae-runs" / "estimators_mnist"
 NAME = "estimators_mnist"
 
 #: The nested bounds each IS run keeps (the K = 5000 run's give the curve L_K against K).
@@ -928,7 +929,7 @@ def run(args: argparse.Namespace) -> int:
     root = args.data_root or os.environ.get("PYROVAE_DATA")
     if plan["dataset"] != "default" and not root:
         raise BenchmarkError(f"dataset {plan['dataset']!r} needs the data root: pass --data-root "
-                             "or set PYROVAE_DATA (e.g. /work/shared/data)")
+                             "or set PYROVAE_DATA (e.g. ../shared/data)")
     x = load_test(plan, root)
     sha = digits_sha(x)
     if plan.setdefault("test_digits_sha256", sha) != sha:

@@ -19,7 +19,7 @@ benchmarks/results/mnist_nll.md; the default), ``tomczak`` (VampPrior: lr 5e-4, 
 KL warm-up over 100 epochs, 2,000 epochs without early stopping), ``smoke`` (3 epochs, tests).
 
 One run continues across many invocations. Its state lives in a run folder outside the git
-tree (``--run-dir``, default ``/work/pyrovae-runs/mnist_nll/<setting>``): ``checkpoint.pt``
+tree (``--run-dir``, default ``../pyrovae-runs/mnist_nll/<setting>``): ``checkpoint.pt``
 (written by ``pyrovae.fit`` after every epoch) and ``mnist_nll.json`` (the schedule and the
 learning curve). Each invocation trains within its budget (``--max-epochs`` more epochs and/or
 ``--max-hours`` of wall time; none: until the schedule ends), scoring the learning curve (test
@@ -76,7 +76,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:  # the pyrovae of this tree, not whichever is installed
     sys.path.insert(0, str(HERE.parent))
 RESULTS = HERE / "results"
-DEFAULT_RUNS = Path("/work/pyrovae-runs/mnist_nll")
+#: Run folders live beside the clone (outside the git tree): ``<clone>/../pyrovae-runs``.
+DEFAULT_RUNS = Path(__file__).resolve().parents[2] / "pyrovae-runs" / "mnist_nll"
 META_NAME = "mnist_nll.json"
 
 PYTHAE = "pythae (its own settings and reference)"
@@ -289,7 +290,7 @@ def load_data(args: argparse.Namespace, spec: dict[str, Any]) -> tuple[Any, Any,
     if name != "default" and not root:
         raise BenchmarkError(
             f"dataset {name!r} needs the data root: pass --data-root or set PYROVAE_DATA "
-            "(e.g. /work/shared/data)"
+            "(e.g. ../shared/data)"
         )
     if name == "binarized-mnist":
         train = load_dataset(name, "train", root=root)
@@ -536,13 +537,13 @@ def readme_snippet(rows: list[dict[str, Any]]) -> str:
         "![MNIST test NLL against epochs and training hours](benchmarks/results/mnist_nll_curve.png)",
         "",
         "A run continues across invocations from its run folder (default "
-        "`/work/pyrovae-runs/mnist_nll/<setting>`, outside the git tree); when that folder is "
+        "`../pyrovae-runs/mnist_nll/<setting>`, outside the git tree); when that folder is "
         "missing it starts from the committed state `benchmarks/results/mnist_nll_state/<setting>.pt`:",
         "",
         "```",
-        "PYROVAE_DATA=/work/shared/data nohup nice -n 10 python benchmarks/mnist_nll.py \\",
+        "PYROVAE_DATA=../shared/data nohup nice -n 10 python benchmarks/mnist_nll.py \\",
         "    --setting vae-dynamic-k1 [--max-hours H] [--max-epochs N] \\",
-        "    >> /work/pyrovae-runs/mnist_nll/vae-dynamic-k1.log 2>&1 &",
+        "    >> ../pyrovae-runs/mnist_nll/vae-dynamic-k1.log 2>&1 &",
         "python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --evaluate-now  # K=5000 now",
         "python benchmarks/mnist_nll.py --setting vae-dynamic-k1 --save-state    # to commit",
         "```",
@@ -626,9 +627,9 @@ def markdown(rows: list[dict[str, Any]], out: Path = RESULTS) -> str:
             )
     lines += [
         "",
-        "Continue a run: `PYROVAE_DATA=/work/shared/data nice -n 10 python "
+        "Continue a run: `PYROVAE_DATA=../shared/data nice -n 10 python "
         "benchmarks/mnist_nll.py --setting <setting> [--max-hours H]` (the run folder "
-        "`/work/pyrovae-runs/mnist_nll/<setting>` holds its state; without it the committed "
+        "`../pyrovae-runs/mnist_nll/<setting>` holds its state; without it the committed "
         "`benchmarks/results/mnist_nll_state/<setting>.pt` is used).",
         "",
     ]
