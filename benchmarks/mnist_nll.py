@@ -521,6 +521,8 @@ def readme_snippet(rows: list[dict[str, Any]]) -> str:
             protocol = f"{r['num_samples']} / {r['num_test']}"
         budget = (f"{r.get('epochs') or 0} of {r['schedule_epochs']} epochs, "
                   f"{_fmt(r.get('hours'), 1)} h, batch {r['batch_size']}")
+        if not r.get("complete") and r.get("estimated_total_hours"):
+            budget += f" (whole schedule at its rate: ~{r['estimated_total_hours']:.0f} h)"
         lines.append(f"| {r['setting']} | {ours} | {protocol} | {budget} | "
                      f"{'yes' if r.get('complete') else 'no'} | {r['published']} | {others} |")
     lines += [

@@ -180,6 +180,7 @@ def test_a_run_folder_refuses_another_schedule(first, tmp_path, capsys):
 def test_mnist_needs_a_data_root(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("PYROVAE_DATA", raising=False)
     code = bench.main(["--setting", "vae-dynamic-k1", "--run-dir", str(tmp_path / "r"),
+                       "--state-dir", str(tmp_path / "state"),
                        "--out", str(tmp_path / "o"), "--max-epochs", "1"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "PYROVAE_DATA" in err[0]
@@ -219,6 +220,7 @@ def test_iwae_setting_trains_with_pyrovae_losses(tmp_path, one_thread):
     run = tmp_path / "iwae"
     assert bench.main(["--setting", "iwae-dynamic-k5", "--dataset", "default", "--schedule", "smoke",
                        "--run-dir", str(run), "--out", str(tmp_path / "out"), "--max-epochs", "1",
+                       "--state-dir", str(tmp_path / "state"),  # not the committed states
                        "--curve-num-test", "20", "--curve-num-samples", "10"]) == 0
     ckpt = read_checkpoint(run)
     assert ckpt["training_state"]["settings"]["loss"] == "IWAE"
