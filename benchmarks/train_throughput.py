@@ -69,23 +69,8 @@ class RawVAE(nn.Module):
 def raw_block_seconds(data: torch.Tensor, blocks: int, fused: bool = False) -> list[float]:
     """Seconds of each of ``blocks`` epochs of the hand-written loop (an epoch = one block of
     ``len(data) / BATCH`` steps), after one untimed warm-up epoch."""
-    torch.manual_seed(0)
-    model = RawVAE()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)
-    n = len(data)
-    gen = torch.Generator().manual_seed(0)
-    times = []
-    for _ in range(blocks + 1):
-        start = time.perf_counter()
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, BATCH):
-            x = data[perm[i : i + BATCH]]
-            loss = model.loss(x, n)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
+    loop = _HandLoop(data, fused)
+    return [loop.block_seconds() for _ in range(blocks + 1)][1:]
 
 
 class TracedELBO(Trace_ELBO):

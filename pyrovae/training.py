@@ -263,7 +263,7 @@ def _compiled(obj: Objective) -> Objective:
         except Exception as e:
             if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = (str(e).strip().splitlines() or [""])[0]
             raise ConfigError(
                 f"torch.compile could not compile the loss ({type(e).__name__}: {first}); "
                 "train without compile=True (--compile)"
@@ -540,24 +540,24 @@ def train_step(
     if group is not None:
         value = _all_reduce_gradients(params, value, len(idx) / rows, group)
     if _sync_every(device) == 1:  # a device whose flags the host reads every step (a CPU)
-        _update_on_host(state, params, value, rows, clip_grad_norm, max_bad_steps)
-        return state, value
-    loss_bad = ~torch.isfinite(value)
-    bad = loss_bad | _nonfinite_gradient(params, clip_grad_norm).to(device)
-    skip = bad | state.stopped
-    if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
-        optimizer.found_inf = skip.to(torch.float32)
-        optimizer.step()
-    elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag
-        optimizer.step()
+        loss_bad, bad = _update_on_host(state, params, value, rows, clip_grad_norm, max_bad_steps)
+    else:
+        loss_bad = ~torch.isfinite(value)
+        bad = loss_bad | _nonfinite_gradient(params, clip_grad_norm).to(device)
+        skip = bad | state.stopped
+        if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
+            optimizer.found_inf = skip.to(torch.float32)
+            optimizer.step()
+        elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag
+            optimizer.step()
+        # The loss estimates -objective of the whole training set: per datapoint, / num_data.
+        state.objective_sum = state.objective_sum + torch.where(
+            skip, 0.0, -value / vae.num_data * rows
+        ).to(state.objective_sum.dtype)
+        state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
+        state.bad_streak = torch.where(bad, state.bad_streak + 1, 0)
+        state.stopped = state.stopped | (state.bad_streak >= max_bad_steps)
     optimizer.zero_grad(set_to_none=True)
-    # The loss estimates -objective of the whole training set: per datapoint, / num_data.
-    state.objective_sum = state.objective_sum + torch.where(
-        skip, 0.0, -value / vae.num_data * rows
-    ).to(state.objective_sum.dtype)
-    state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
-    state.bad_streak = torch.where(bad, state.bad_streak + 1, 0)
-    state.stopped = state.stopped | (state.bad_streak >= max_bad_steps)
     state.history.num_steps += 1
     state.batch += 1
     state.unreported.append((state.history.num_steps, state.epoch, value, loss_bad, bad))
@@ -571,10 +571,11 @@ def _update_on_host(
     rows: int,
     clip_grad_norm: float | None,
     max_bad_steps: int,
-) -> None:
+) -> tuple[bool, bool]:
     """:func:`train_step`'s guarded update and running sums where the host reads the step's
     flags at once (a CPU, where reading costs nothing): the same decisions as on a device, made in
-    Python numbers, so a step costs three small tensor ops here instead of about twenty-five."""
+    Python numbers, so a step costs three small tensor ops here instead of about twenty-five.
+    Returns the step's flags ``(loss_bad, bad)``."""
     v = float(value)
     loss_bad = not math.isfinite(v)
     # (a bad loss is skipped without looking at its gradient)
@@ -585,14 +586,11 @@ def _update_on_host(
         # The loss estimates -objective of the whole training set: per datapoint, / num_data.
         state.objective_sum += -v / state.vae.num_data * rows
         state.datapoints += rows
-    state.optimizer.zero_grad(set_to_none=True)
     streak = int(state.bad_streak) + 1 if bad else 0
     state.bad_streak.fill_(streak)
     if streak >= max_bad_steps:
         state.stopped.fill_(True)
-    state.history.num_steps += 1
-    state.batch += 1
-    state.unreported.append((state.history.num_steps, state.epoch, value, loss_bad, bad))
+    return loss_bad, bad
 
 
 def _report(state: TrainState, max_bad_steps: int, ckpt_dir: Path | None) -> None:
