@@ -17,7 +17,10 @@ issue's target: 6 minutes on 2 cores) and reports the process's peak resident me
 
 Run: ``PYROVAE_DATA=... python benchmarks/log_likelihood_speed.py [--threads 2] [--full]``;
 ``torchrun --standalone --nproc-per-node 2 benchmarks/log_likelihood_speed.py --threads 1
---full-only`` splits the K = 5000 run over two processes (``process_group=True``).
+--full-only`` splits the K = 5000 run over two processes (``process_group=True``); ``--compile``
+times ``log_likelihood(..., compile=True)`` beside the eager one (its compilation apart), or with
+``--full-only`` the whole compiled run, its compilation included (``TORCHINDUCTOR_CACHE_DIR`` set to
+an empty folder makes that a first run's compilation).
 """
 
 from __future__ import annotations
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--full-only", action="store_true",
                    help="only the K=5000 run on all test digits (under torchrun: split across "
                         "the processes with process_group=True)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time log_likelihood(..., compile=True) (its compilation apart; "
+                        "with --full-only: the K=5000 run compiled, compilation included)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -118,12 +124,22 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for k in args.num_samples:
         times = {"bare": [], "pyrovae (no diagnostics)": [], "pyrovae (default)": []}
+        calls = {
+            "pyrovae (no diagnostics)": lambda: pyrovae.log_likelihood(vae, x, k, diagnostics=False),
+            "pyrovae (default)": lambda: pyrovae.log_likelihood(vae, x, k),
+        }
+        compile_seconds = None
+        if args.compile:
+            # compile once for this K's chunk shapes (a 2-digit call), outside the timings
+            compile_seconds = timed(lambda: pyrovae.log_likelihood(vae, x[:2], k, compile=True))
+            calls["compiled (no diagnostics)"] = lambda: pyrovae.log_likelihood(
+                vae, x, k, diagnostics=False, compile=True)
+            calls["compiled (default)"] = lambda: pyrovae.log_likelihood(vae, x, k, compile=True)
+            times.update({name: [] for name in calls if name.startswith("compiled")})
         for _ in range(args.rounds):
             times["bare"].append(timed(lambda: bare_log_likelihood(vae, x, k)))
-            times["pyrovae (no diagnostics)"].append(
-                timed(lambda: pyrovae.log_likelihood(vae, x, k, diagnostics=False))
-            )
-            times["pyrovae (default)"].append(timed(lambda: pyrovae.log_likelihood(vae, x, k)))
+            for name, call in calls.items():
+                times[name].append(timed(call))
         med = {name: statistics.median(v) for name, v in times.items()}
         rows.append({
             "num_samples": k,
@@ -132,6 +148,12 @@ def main(argv: list[str] | None = None) -> dict:
             "ratio_no_diagnostics": med["bare"] / med["pyrovae (no diagnostics)"],
             "ratio_default": med["bare"] / med["pyrovae (default)"],
         })
+        if args.compile:
+            rows[-1].update(
+                compile_seconds=compile_seconds,
+                ratio_compiled_no_diagnostics=med["bare"] / med["compiled (no diagnostics)"],
+                ratio_compiled_default=med["bare"] / med["compiled (default)"],
+            )
         print(json.dumps(rows[-1]), flush=True)
     # The two agree in distribution: same estimator, different draws.
     torch.manual_seed(1)
@@ -173,7 +195,8 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
 
     group = distributed.process_group(None)
     t0 = time.perf_counter()
-    ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0, process_group=group or False)
+    ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0, process_group=group or False,
+                                compile=args.compile)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     peaks = [peak]
@@ -181,7 +204,9 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
         peaks = distributed._gather_objects(peak, group) or peaks
     result = {
         "num_samples": 5000, "points": len(x_all), "seconds": seconds, "mean": ll.mean,
-        "stderr": ll.stderr, "processes": distributed.world_size(group),
+        "stderr": ll.stderr, "compiled": args.compile,
+        "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+        "processes": distributed.world_size(group),
         "threads_per_process": torch.get_num_threads(), "peak_rss_gb_per_process": peaks,
         "torch": torch.__version__, "load_average_at_end": list(os.getloadavg()),
     }

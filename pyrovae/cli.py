@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-eps", type=float, default=None, metavar="EPS",
                    help="Adam's epsilon (default: torch's 1e-8; Burda et al. used 1e-4)")
     g.add_argument("--compile", action="store_true",
-                   help="compile the loss with torch.compile (default loss only; ~10-25 s of "
-                   "compiling, then ~5-8%% faster steps on a CPU: for long runs)")
+                   help="compile the loss and the final test estimates with torch.compile "
+                   "(default loss only; ~10-25 s of compiling, then ~5-8%% faster steps and "
+                   "~25%% faster importance sampling on a CPU: for long runs)")
     g.add_argument("--num-train", type=int, default=None, metavar="N",
                    help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--split", default="test", help="the split to score (default: test)")
     v.add_argument("--seed", type=int, default=0, help="seeds the draws (default: 0)")
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    v.add_argument("--compile", action="store_true",
+                   help="with --estimator is: compile the importance weights with torch.compile "
+                   "(the same values for the same --seed; ~10-25 s of compiling, then ~25%% less "
+                   "time per point on a CPU at K=5000)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sp = sub.add_parser("sample", help="draw images from a trained run's model: z ~ p(z), then "
@@ -329,16 +334,20 @@ def _local(vae: VAE) -> dict[str, Any]:
 
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
                       check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4,
-                      group: Any = None, per_datapoint: bool = False) -> dict:
+                      group: Any = None, per_datapoint: bool = False,
+                      compile: bool = False) -> dict:
     """Print and return the test ELBO, the importance-sampled log p(x) with its diagnostics, and
     (``check_points`` > 0) AIS on the first test points beside IS on the same points: how far
     the IS figure can be trusted. Under a process ``group`` every rank computes its share and
-    rank 0 alone prints."""
+    rank 0 alone prints. ``compile``: the importance weights through ``torch.compile`` (not for
+    a per-datapoint family, whose points are scored by fitting their own proposals)."""
     from . import distributed
     from .importance import elbo, log_likelihood
 
     say = _printer(group)  # rank 0 speaks for all
     local = {**_local(vae), "process_group": group or False}
+    if compile and "local" not in local:
+        local["compile"] = True
     t0 = time.perf_counter()
     test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress, **local)
     ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress, **local)
@@ -681,7 +690,8 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
     test = _fixed_test_set(test, args.eval_points, args.seed)
     metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
                                 not args.no_progress, check_points=args.check_points,
-                                ais_steps=args.ais_steps, ais_chains=args.ais_chains, group=group)
+                                ais_steps=args.ais_steps, ais_chains=args.ais_chains, group=group,
+                                compile=args.compile)
     if not main:
         return 0
     metrics.update(
@@ -775,6 +785,9 @@ def _evaluate_run(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
 
     _check_numbers(args)
+    if args.compile and args.estimator != "is":
+        raise ConfigError("--compile compiles importance sampling's weights; AIS runs through "
+                          "Pyro's tracing: drop --compile or use --estimator is")
     options = _run_options(args.run, "evaluate")
     device = distributed.local_device(_device(args.device))
     group = distributed.process_group(None, device)
@@ -807,7 +820,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
         metrics = _report_estimates(vae, test, args.num_samples, args.seed, progress,
                                     check_points=args.check_points, ais_steps=args.ais_steps,
                                     ais_chains=args.ais_chains, group=group,
-                                    per_datapoint=args.per_datapoint)
+                                    per_datapoint=args.per_datapoint, compile=args.compile)
         name = f"evaluation-{args.split}-is-K{args.num_samples}"
     if group is not None and not distributed.is_main(group):
         return 0

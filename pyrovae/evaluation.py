@@ -31,12 +31,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, TypeAlias
 
 if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
-    from collections.abc import Callable
-
     from .vae import VAE
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -48,6 +46,7 @@ from torch.utils.data import Dataset
 
 from ._batching import IndexedTensor, as_dataset
 from ._checks import check_positive_int, check_seed, to_device
+from ._compile import compile_direct
 from .errors import ConfigError, DataError
 
 __all__ = [
@@ -309,6 +308,7 @@ class Program:
         self.observed: list[str] = []
         self.particle_dim = -2
         self.row_bytes = 0
+        self._compiled_weights: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -523,6 +523,28 @@ class Program:
             return None
         return vae.importance_log_weights
 
+    def compile(self, compile: Any = True) -> Program:
+        """Evaluate :meth:`log_weights` with the VAE's :meth:`untraced` weights compiled by
+        ``torch.compile`` (same draws as eager torch, same values to float rounding); a program
+        that runs Pyro's tracing is refused with :class:`ConfigError`. ``compile=False`` is a
+        no-op, so estimators pass their argument straight through."""
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be True or False, got {compile!r}")
+        if not compile:
+            return self
+        direct = self.untraced()
+        if direct is None:
+            raise ConfigError(
+                "compile=True compiles a pyrovae.VAE's own importance weights "
+                "(VAE.importance_log_weights); this program runs through Pyro's tracing (a "
+                "(model, guide) pair, or a VAE whose model or guide was replaced), which "
+                "torch.compile does not take: estimate without compile=True (--compile)"
+            )
+        self._compiled_weights = compile_direct(
+            direct, "the importance weights", "estimate without compile=True (--compile)"
+        )
+        return self
+
     def log_weights(
         self, x: torch.Tensor, idx: torch.Tensor, num_samples: int, traced: bool = False
     ) -> torch.Tensor:
@@ -530,7 +552,7 @@ class Program:
         under a particle plate, the model replayed against it, unscaled log-densities summed
         per datapoint (model sites minus guide sites). A VAE's own program is evaluated without
         the tracing (:meth:`untraced`; equal to the bit) unless ``traced``."""
-        direct = None if traced else self.untraced()
+        direct = None if traced else (self._compiled_weights or self.untraced())
         if direct is not None:
             return direct(x, idx, num_samples)
         guide_trace, model_trace = self._traces(x, idx, num_samples)

@@ -58,6 +58,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int, to_device
+from ._compile import compile_direct
 from .errors import Preempted, CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .importance import elbo as elbo_estimate
 
@@ -255,20 +256,7 @@ def _compiled(obj: Objective) -> Objective:
             "runs through Pyro's tracing, which torch.compile does not take: train without "
             "compile=True (--compile)"
         )
-    compiled = torch.compile(obj.direct, options={"fallback_random": True})
-
-    def direct(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return compiled(*args, **kwargs)
-        except Exception as e:
-            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                raise
-            first = (str(e).strip().splitlines() or [""])[0]
-            raise ConfigError(
-                f"torch.compile could not compile the loss ({type(e).__name__}: {first}); "
-                "train without compile=True (--compile)"
-            ) from e
-
+    direct = compile_direct(obj.direct, "the loss", "train without compile=True (--compile)")
     return replace(obj, direct=direct)
 
 

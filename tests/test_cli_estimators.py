@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -76,6 +77,18 @@ def test_evaluate_writes_per_datapoint_csv(run):
     assert_close([float(r["values"]) for r in rows], ll.values, rtol=1e-6)
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="torch.compile on a CPU needs a C++ compiler")
+def test_evaluate_compile_gives_the_library_values(run):
+    """``--compile``: the same per-datapoint log p(x) as the eager library call, same seed."""
+    assert main(["evaluate", str(run), "--eval-points", "5", "--num-samples", "30",
+                 "--check-points", "0", "--per-datapoint", "--no-progress", "--compile"]) == 0
+    values = json.loads((run / "evaluation-test-is-K30.json").read_text())
+    values = values["test_log_likelihood"]["per_datapoint"]["values"]
+    ll = log_likelihood(load_model(run), _test_points(5), num_samples=30, seed=0)
+    assert_close(values, ll.values, rtol=1e-5, atol=1e-5)
+
+
 def test_bdmc_command_brackets_is(run, capsys):
     assert main(["bdmc", str(run), "--points", "4", "--ais-steps", "20", "--ais-chains", "2",
                  "--is-samples", "50", "--no-progress"]) == 0
@@ -93,6 +106,7 @@ def test_bdmc_command_brackets_is(run, capsys):
     (["evaluate", "RUN", "--estimator", "ais", "--ais-steps", "0"], "--ais-steps must be"),
     (["evaluate", "RUN", "--check-points", "-1"], "--check-points must be"),
     (["bdmc", "RUN", "--points", "0"], "--points must be"),
+    (["evaluate", "RUN", "--estimator", "ais", "--compile"], "--compile compiles"),
     (["train", "--loss", "meanfield", "--gradient", "dreg"], "--gradient dreg does not apply"),
 ])
 def test_bad_estimator_options_are_one_line(run, argv, message, capsys):

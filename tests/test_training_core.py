@@ -515,6 +515,24 @@ def test_bad_lr_schedules_are_refused_naming_the_epoch(bad, message, tmp_path: P
 _HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+def _count_compiled_calls(monkeypatch) -> list[int]:
+    """Make every function that torch.compile returns append to the returned list when called."""
+    calls: list[int] = []
+    real_compile = torch.compile
+
+    def counting_compile(fn, **kwargs):
+        compiled_fn = real_compile(fn, **kwargs)
+
+        def counted(*args, **kw):
+            calls.append(1)
+            return compiled_fn(*args, **kw)
+
+        return counted
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    return calls
+
+
 @pytest.mark.skipif(not _HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
     """The compiled loss draws the same noise as the eager one (inductor's fallback_random) and
@@ -538,19 +556,7 @@ def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
             assert_close(values[1], values[0], rtol=1e-6, atol=0)
             for g_compiled, g_eager in zip(*grads[::-1]):
                 assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-5)
-    calls = []
-    real_compile = torch.compile
-
-    def counting_compile(fn, **kwargs):
-        compiled_fn = real_compile(fn, **kwargs)
-
-        def counted(*args, **kw):
-            calls.append(1)
-            return compiled_fn(*args, **kw)
-
-        return counted
-
-    monkeypatch.setattr(torch, "compile", counting_compile)
+    calls = _count_compiled_calls(monkeypatch)
 
     class StepLosses:
         def __init__(self) -> None:
@@ -572,9 +578,42 @@ def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
     assert runs[0] == pytest.approx(runs[1], rel=0.05)
 
 
+@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler")
+def test_compiled_estimators_are_the_eager_estimators(monkeypatch) -> None:
+    """log_likelihood, elbo and iwae_bounds with compile=True evaluate every chunk of importance
+    weights through the compiled function, draw the same noise for the same seed and give the
+    same per-datapoint values (and PSIS k-hat) to float rounding, over ragged chunks: 11 points
+    in batches of 2 (the last of 1) with K = 50, and of 40 with K = 3."""
+    vae, data = _setup()
+    x = data[:11]
+    calls = _count_compiled_calls(monkeypatch)
+    cases = (
+        (pyrovae.log_likelihood, {"num_samples": 50, "warn_share": 1.0}, 6),
+        (pyrovae.elbo, {"num_samples": 3}, 1),
+        (pyrovae.iwae_bounds, {"num_samples": (1, 7, 50)}, 6),
+    )
+    for estimator, options, chunks in cases:
+        eager = estimator(vae, x, seed=3, max_rows=120, **options)
+        before = len(calls)
+        compiled = estimator(vae, x, seed=3, max_rows=120, compile=True, **options)
+        assert len(calls) - before == chunks
+        assert_close(compiled.values, eager.values, rtol=1e-5, atol=1e-5)
+        if estimator is pyrovae.log_likelihood:
+            assert_close(compiled.khat, eager.khat, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 13
+
+
 def test_compile_is_refused_where_it_does_not_apply() -> None:
     vae, data = _setup()
     with pytest.raises(pyrovae.ConfigError, match="Pyro's tracing"):
         fit(vae, data, loss=IWAE(num_particles=2), num_epochs=1, progress=False, compile=True)
     with pytest.raises(pyrovae.ConfigError, match="compile must be True or False"):
         fit(vae, data, num_epochs=1, progress=False, compile="yes")
+    with pytest.raises(pyrovae.ConfigError, match="Pyro's tracing"):
+        pyrovae.log_likelihood((vae.model, vae.guide), data, 5, compile=True)
+    with pytest.raises(pyrovae.ConfigError, match="compile must be True or False"):
+        pyrovae.elbo(vae, data, compile="yes")
+    local = build_vae(VAEConfig(num_features=D, latent_dim=2, hidden_dims=(8,), family="local"),
+                      num_data=N)
+    with pytest.raises(pyrovae.ConfigError, match="local='fit'"):
+        pyrovae.iwae_bounds(local, data, (1, 5), local="fit", compile=True)
