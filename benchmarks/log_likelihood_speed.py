@@ -206,6 +206,7 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
         "num_samples": 5000, "points": len(x_all), "seconds": seconds, "mean": ll.mean,
         "stderr": ll.stderr, "compiled": args.compile,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "processes": distributed.world_size(group),
         "threads_per_process": torch.get_num_threads(), "peak_rss_gb_per_process": peaks,
         "torch": torch.__version__, "load_average_at_end": list(os.getloadavg()),
