@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile", action="store_true",
                    help="also time log_likelihood(..., compile=True) (its compilation apart; "
                         "with --full-only: the K=5000 run compiled, compilation included)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="with --full-only: log_likelihood(..., diagnostics=False) (no PSIS k-hat, ESS)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -196,7 +198,7 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
     group = distributed.process_group(None)
     t0 = time.perf_counter()
     ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0, process_group=group or False,
-                                compile=args.compile)
+                                compile=args.compile, diagnostics=args.diagnostics)
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     peaks = [peak]
@@ -204,7 +206,7 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
         peaks = distributed._gather_objects(peak, group) or peaks
     result = {
         "num_samples": 5000, "points": len(x_all), "seconds": seconds, "mean": ll.mean,
-        "stderr": ll.stderr, "compiled": args.compile,
+        "stderr": ll.stderr, "compiled": args.compile, "diagnostics": args.diagnostics,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "processes": distributed.world_size(group),
