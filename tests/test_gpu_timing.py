@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -16,20 +17,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+_HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_gpu_timing_runs_and_writes_its_result(device, tmp_path):
+    """The quick run, with the compiled rows where torch.compile can run (a C++ compiler on a
+    CPU; the GPU timing itself is run with --compile)."""
     import gpu_timing
 
     out = tmp_path / "gpu_timing.json"
-    result = gpu_timing.main(["--device", device, "--quick", "--out", str(out)])
+    compile_ = device == "cuda" or _HAS_CXX
+    result = gpu_timing.main(["--device", device, "--quick", "--out", str(out)]
+                             + (["--compile"] if compile_ else []))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["device"] == device and result["quick"] is True
+    assert result["compile"] is compile_
     (row,) = result["training"]
-    for key in ("raw_fused_adam_steps_per_s", "fit_steps_per_s", "ratio"):
+    keys = ["raw_fused_adam_steps_per_s", "fit_steps_per_s", "ratio"]
+    keys += ["fit_compiled_steps_per_s", "ratio_compiled"] if compile_ else []
+    for key in keys:
         assert math.isfinite(row[key]) and row[key] > 0, row
     est = result["estimation"]
     assert est["num_samples"] == 50 and est["points"] == 2
     assert est["extrapolated_seconds_10000_digits"] == pytest.approx(est["pyrovae_seconds"] * 5000)
+    if compile_:
+        assert est["extrapolated_seconds_10000_digits_compiled"] == pytest.approx(
+            est["pyrovae_compiled_seconds"] * 5000)
+        assert est["ratio_compiled"] == pytest.approx(est["bare_seconds"] / est["pyrovae_compiled_seconds"])
 
 
 def test_gpu_timing_refuses_cuda_without_a_gpu(monkeypatch):
