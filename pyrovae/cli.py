@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="compile the loss and the final test estimates with torch.compile "
                    "(default loss only; ~10-25 s of compiling, then ~5-8%% faster steps and "
-                   "~25%% faster importance sampling on a CPU: for long runs)")
+                   "~15-25%% faster importance sampling on a CPU: for long runs)")
     g.add_argument("--num-train", type=int, default=None, metavar="N",
                    help="train on the first N datapoints of the training split (default: all)")
     g.add_argument("--validation-fraction", type=float, default=0.1,
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     v.add_argument("--compile", action="store_true",
                    help="with --estimator is: compile the importance weights with torch.compile "
-                   "(the same values for the same --seed; ~10-25 s of compiling, then ~25%% less "
+                   "(the same values for the same --seed; ~10-25 s of compiling, then ~15-25%% less "
                    "time per point on a CPU at K=5000)")
     v.add_argument("--no-progress", action="store_true", help="no progress bars")
 

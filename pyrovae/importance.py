@@ -475,7 +475,7 @@ def log_likelihood(
         rank must call with the same arguments (see :mod:`pyrovae.distributed`).
     :param compile: evaluate the weights of a :class:`~pyrovae.VAE` running its own program
         (:meth:`~pyrovae.VAE.importance_log_weights`) through ``torch.compile``: the same draws
-        for the same seed and the same values to float rounding, ~25 % less time per datapoint
+        for the same seed and the same values to float rounding, ~15-25 % less time per datapoint
         on a CPU at K = 5000 (it fuses the log-densities into a few passes; the decoder's matrix
         products are left), after a one-off compilation of ~10-25 s (less from inductor's cache
         on a later run) and one more for a new chunk shape. Needs a C++ compiler on a CPU. A
