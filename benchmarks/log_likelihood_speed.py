@@ -80,6 +80,21 @@ def bare_log_likelihood(vae: VAE, x: torch.Tensor, k: int, max_rows: int = 2048)
     return torch.cat(out)
 
 
+def test_digits(data_root: str | None = None) -> tuple[torch.Tensor, str]:
+    """The 10,000 binarized MNIST test digits (fixed binarization) and what they are; without
+    the data, 10,000 random binary images of the same size (the cost does not depend on them)."""
+    try:
+        from pyrovae.data import load_dataset
+
+        test = load_dataset("mnist", "test", root=data_root, binarize="dynamic")
+        test = test.binarized(generator=torch.Generator().manual_seed(0))
+        return test[torch.arange(len(test))][0], "MNIST test digits"
+    except Exception as exc:  # noqa: BLE001 - no data: random binary images, same cost
+        g = torch.Generator().manual_seed(0)
+        return (torch.bernoulli(torch.full((10000, D), 0.13), generator=g),
+                f"random binary images (no MNIST: {type(exc).__name__})")
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -101,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "with --full-only: the K=5000 run compiled, compilation included)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="with --full-only: log_likelihood(..., diagnostics=False) (no PSIS k-hat, ESS)")
+    p.add_argument("--full-points", type=int, default=None,
+                   help="with --full/--full-only: the first N test digits (default: all 10,000)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -110,17 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
     load_at_start = list(os.getloadavg())
     torch.manual_seed(0)
     vae = build().eval()
-    try:
-        from pyrovae.data import load_dataset
-
-        test = load_dataset("mnist", "test", root=args.data_root, binarize="dynamic")
-        test = test.binarized(generator=torch.Generator().manual_seed(0))
-        x_all = test[torch.arange(len(test))][0]
-        data = "MNIST test digits"
-    except Exception as exc:  # noqa: BLE001 - no data: random binary images, same cost
-        x_all = torch.bernoulli(torch.full((10000, D), 0.13))
-        data = f"random binary images (no MNIST: {type(exc).__name__})"
+    x_all, data = test_digits(args.data_root)
     x = x_all[: args.points]
+    x_all = x_all[: args.full_points]
     if args.full_only:
         return _full_only(vae, x_all, args)
     rows = []
