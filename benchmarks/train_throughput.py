@@ -46,13 +46,13 @@ D, H, L, BATCH = 784, 400, 50, 128
 class RawVAE(nn.Module):
     """A textbook hand-written VAE of the same architecture as the pyrovae one."""
 
-    def __init__(self) -> None:
+    def __init__(self, d: int = D, h: int = H, latent: int = L) -> None:
         super().__init__()
-        self.enc = nn.Sequential(nn.Linear(D, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU())
-        self.loc = nn.Linear(H, L)
-        self.scale = nn.Linear(H, L)
+        self.enc = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU())
+        self.loc = nn.Linear(h, latent)
+        self.scale = nn.Linear(h, latent)
         self.dec = nn.Sequential(
-            nn.Linear(L, H), nn.ReLU(), nn.Linear(H, H), nn.ReLU(), nn.Linear(H, D)
+            nn.Linear(latent, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d)
         )
 
     def loss(self, x: torch.Tensor, num_data: int) -> torch.Tensor:
@@ -88,11 +88,11 @@ def pyrovae_block_seconds(data: torch.Tensor, blocks: int, traced: bool = False)
     return history.epoch_seconds[1:]
 
 
-def _pyrovae_vae(num_data: int) -> VAE:
+def _pyrovae_vae(num_data: int, d: int = D, h: int = H, latent: int = L) -> VAE:
     return VAE(
-        StandardNormal(L),
-        DiagonalNormal(MLP(D, (H,), H, activate_output=True), L),
-        Bernoulli(MLP(L, (H, H), D)),
+        StandardNormal(latent),
+        DiagonalNormal(MLP(d, (h,), h, activate_output=True), latent),
+        Bernoulli(MLP(latent, (h, h), d)),
         num_data=num_data,
     )
 

@@ -1,0 +1,32 @@
+"""The fixed-cost benchmark's code paths at tiny sizes: it reports what it measured."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_loss_overhead_reports_its_medians_and_the_gap(tmp_path):
+    import loss_overhead
+
+    out = tmp_path / "overhead.json"
+    result = loss_overhead.main(["--calls", "20", "--rounds", "1", "--step-blocks", "1",
+                                 "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    med = result["microseconds_median"]
+    assert set(med) == {"pyrovae (VAE.trace_elbo_loss)", "hand-written"}
+    for times in med.values():
+        assert 0 < times["forward"] < times["forward+backward"]
+    gap = med["pyrovae (VAE.trace_elbo_loss)"]["forward+backward"] - med["hand-written"]["forward+backward"]
+    assert result["fixed_cost_gap_us"] == pytest.approx(gap)
+    assert result["gap_share_of_full_size_step"] == pytest.approx(
+        gap / result["full_size_hand_written_step_us"])
+    assert math.isfinite(result["full_size_hand_written_step_us"])
