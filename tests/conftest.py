@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pyro
@@ -49,6 +50,11 @@ def real_data_root() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("real data not available: set PYROVAE_DATA to the shared data folder")
     return Path(root)
+
+
+#: Whether torch.compile can build CPU kernels here (inductor needs a C++ compiler).
+HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+needs_cxx = pytest.mark.skipif(not HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler")
 
 
 def assert_close(actual, expected, rtol: float = 1e-7, atol: float = 1e-7, msg: str = "") -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, needs_cxx
 from pyrovae import ais, bdmc, load_model, log_likelihood
 from pyrovae.cli import _fixed_test_set, main
 from pyrovae.data import load_dataset
@@ -77,8 +76,7 @@ def test_evaluate_writes_per_datapoint_csv(run):
     assert_close([float(r["values"]) for r in rows], ll.values, rtol=1e-6)
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_evaluate_compile_gives_the_library_values(run):
     """``--compile``: the same per-datapoint log p(x) as the eager library call, same seed."""
     assert main(["evaluate", str(run), "--eval-points", "5", "--num-samples", "30",

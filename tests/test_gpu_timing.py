@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -14,10 +13,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from conftest import HAS_CXX  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-_HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
@@ -27,7 +25,7 @@ def test_gpu_timing_runs_and_writes_its_result(device, tmp_path):
     import gpu_timing
 
     out = tmp_path / "gpu_timing.json"
-    compile_ = device == "cuda" or _HAS_CXX
+    compile_ = device == "cuda" or HAS_CXX
     result = gpu_timing.main(["--device", device, "--quick", "--out", str(out)]
                              + (["--compile"] if compile_ else []))
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -16,15 +15,14 @@ import pyrovae
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from conftest import HAS_CXX  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-_HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
 
 def test_ratio_rows_and_the_full_run(tmp_path):
     import log_likelihood_speed as bench
 
-    compile_ = ["--compile"] if _HAS_CXX else []
+    compile_ = ["--compile"] if HAS_CXX else []
     out = tmp_path / "speed.json"
     result = bench.main(["--points", "3", "--num-samples", "30", "--rounds", "1", "--out", str(out),
                          *compile_])

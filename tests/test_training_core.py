@@ -7,7 +7,6 @@ import errno
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from pyrovae.checkpoint import CHECKPOINT_NAME, load_train_state, read_checkpoin
 from pyrovae.errors import NumericalWarning
 from pyrovae.training import EXIT_PREEMPTED, History, TrainState, objective, train_step
 
-from conftest import assert_close
+from conftest import assert_close, needs_cxx
 
 REPO = Path(__file__).resolve().parents[1]
 N, D = 64, 8
@@ -512,9 +511,6 @@ def test_bad_lr_schedules_are_refused_naming_the_epoch(bad, message, tmp_path: P
 
 
 # -------------------------------------------------------------------------------- torch.compile
-_HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
 def _count_compiled_calls(monkeypatch) -> list[int]:
     """Make every function that torch.compile returns append to the returned list when called."""
     calls: list[int] = []
@@ -533,7 +529,7 @@ def _count_compiled_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
     """The compiled loss draws the same noise as the eager one (inductor's fallback_random) and
     gives the same value and gradient to float rounding, for two KL weights and a ragged last
@@ -578,7 +574,7 @@ def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
     assert runs[0] == pytest.approx(runs[1], rel=0.05)
 
 
-@pytest.mark.skipif(not _HAS_CXX, reason="torch.compile on a CPU needs a C++ compiler")
+@needs_cxx
 def test_compiled_estimators_are_the_eager_estimators(monkeypatch) -> None:
     """log_likelihood, elbo and iwae_bounds with compile=True evaluate every chunk of importance
     weights through the compiled function, draw the same noise for the same seed and give the
