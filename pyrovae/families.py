@@ -18,7 +18,21 @@ The families shipped here also split that call in two, so that other code can re
 ``distribution_from_params(params) -> Distribution``
     the distribution those parameters describe (batch shape ``params[...].shape[:1]``).
 
-``family(x, idx) == family.distribution_from_params(family.local_params(x, idx))``. The
+``family(x, idx) == family.distribution_from_params(family.local_params(x, idx))``.
+
+Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+
+``rsample_and_log_prob(x, idx) -> (z, log_q)``
+    one reparameterized draw ``z`` of shape ``(batch, latent_dim)`` and its log-density, shape
+    ``(batch,)``, computed from the draw's noise (for a Gaussian, :math:`z = \mu + L\epsilon`
+    and :math:`\log q = -\tfrac12\|\epsilon\|^2 - \log|\det L| - \tfrac D2 \log 2\pi`)
+    without building distribution objects. It must draw the same noise from the same RNG state
+    as ``family(x, idx).rsample()`` and give the same values to float rounding. The
+    :class:`~pyrovae.VAE` uses it only when it is defined by the same class as ``forward`` and
+    ``distribution_from_params`` or a subclass of it, so that a subclass changing the
+    distribution never inherits a closed form that no longer matches.
+
+The
 amortization-gap analysis of Cremer et al. (2018) optimizes each datapoint's own parameters from
 the encoder's output with the decoder fixed::
 
@@ -203,6 +217,25 @@ def _diagonal_normal(params: Params, min_scale: float) -> dist.Distribution:
     return dist.Normal(params["loc"], scale).to_event(1)
 
 
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _standard_normal_like(loc: torch.Tensor) -> torch.Tensor:
+    """The noise ``torch.distributions`` draws for ``rsample`` of a (multivariate) normal with
+    location ``loc`` (its ``_standard_normal``): the same numbers from the same RNG state."""
+    return torch.empty_like(loc).normal_()
+
+
+def _diagonal_normal_rsample(params: Params, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_diagonal_normal`'s ``rsample`` and its ``log_prob`` from the noise (closed form)."""
+    loc = params["loc"]
+    scale = F.softplus(params["raw_scale"]) + min_scale
+    eps = _standard_normal_like(loc)
+    z = loc + eps * scale
+    log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - loc.shape[-1] * _LOG_SQRT_2PI
+    return z, log_q
+
+
 class _GaussianHeads(Family):
     """Shared part of the amortized Gaussian families: an encoder giving features ``h``, and two
     linear heads on ``h`` for the location and the raw scale parameters (``scale_size`` of them,
@@ -268,6 +301,15 @@ class DiagonalNormal(_GaussianHeads):
     def distribution_from_params(self, params: Params) -> dist.Distribution:
         return _diagonal_normal(params, self.min_scale)
 
+    def rsample_and_log_prob(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One reparameterized draw :math:`z = \mu + \sigma \odot \epsilon` and
+        :math:`\log q(z \mid x) = -\sum_d (\tfrac12 \epsilon_d^2 + \log \sigma_d) - \tfrac D2
+        \log 2\pi`, shapes ``(batch, latent_dim)`` and ``(batch,)`` (the module docstring's
+        closed form)."""
+        return _diagonal_normal_rsample(self.local_params(x, idx), self.min_scale)
+
 
 class FullRankNormal(_GaussianHeads):
     r"""Amortized full-covariance Gaussian :math:`q(z \mid x) = \mathcal N(\mu(x), L(x) L(x)^\top)`.
@@ -318,6 +360,20 @@ class FullRankNormal(_GaussianHeads):
         return dist.MultivariateNormal(
             params["loc"], scale_tril=self.scale_tril(params["raw_scale_tril"])
         )
+
+    def rsample_and_log_prob(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One reparameterized draw :math:`z = \mu + L\epsilon` and :math:`\log q(z \mid x) =
+        -\tfrac12 \|\epsilon\|^2 - \sum_d \log L_{dd} - \tfrac D2 \log 2\pi`, shapes ``(batch,
+        latent_dim)`` and ``(batch,)`` (the module docstring's closed form)."""
+        params = self.local_params(x, idx)
+        loc, tril = params["loc"], self.scale_tril(params["raw_scale_tril"])
+        eps = _standard_normal_like(loc)
+        z = loc + (tril @ eps.unsqueeze(-1)).squeeze(-1)
+        log_det = torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(-1)
+        log_q = -0.5 * eps.square().sum(-1) - log_det - loc.shape[-1] * _LOG_SQRT_2PI
+        return z, log_q
 
 
 class _FlowDistribution(dist.TransformedDistribution):
@@ -597,6 +653,12 @@ class LocalNormal(Family):
 
     def distribution_from_params(self, params: Params) -> dist.Distribution:
         return _diagonal_normal(params, self.min_scale)
+
+    def rsample_and_log_prob(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`DiagonalNormal.rsample_and_log_prob`, for the rows ``idx`` of the tables."""
+        return _diagonal_normal_rsample(self.local_params(x, idx), self.min_scale)
 
 
 class Local(Family):

@@ -4,6 +4,12 @@ Contract: a likelihood is a :class:`torch.nn.Module`; ``likelihood(z)`` takes la
 ``(..., latent_dim)`` and returns a distribution with ``batch_shape == z.shape[:-1]`` and the data's
 ``event_shape`` (``(num_features,)`` for pyrovae's flat data). Its ``support`` is what
 :meth:`pyrovae.VAE.check_data` checks data against before any training starts.
+
+Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+``likelihood.log_prob(x, z)``, :math:`\log p(x \mid z)` summed over the features, shape
+``z.shape[:-1]``, computed without building distribution objects, equal to
+``likelihood(z).log_prob(x)`` to float rounding. The :class:`~pyrovae.VAE` uses it only when it
+is defined by the same class as ``forward`` or a subclass of it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ __all__ = [
     "IntensityCategorical",
     "intensity_levels",
 ]
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Likelihood(nn.Module):
@@ -115,6 +124,12 @@ class Bernoulli(Likelihood):
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         return BernoulliLogits(logits=self.decoder(z)).to_event(1)
 
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`\sum_d x_d \ell_d - \mathrm{softplus}(\ell_d)` for the logits :math:`\ell = f(z)`
+        (:class:`BernoulliLogits`' arithmetic), shape ``z.shape[:-1]``."""
+        logits = self.decoder(z)
+        return _BernoulliLogProb.apply(logits, x.to(logits.dtype)).sum(-1)
+
 
 class _LocScale(Likelihood):
     """Shared scale handling of location-scale likelihoods (fixed, learned or predicted)."""
@@ -193,6 +208,14 @@ class Gaussian(_LocScale):
         loc, scale = self.loc_scale(z)
         return dist.Normal(loc, scale).to_event(1)
 
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`-\sum_d \big(\tfrac12 ((x_d - \mu_d) / \sigma_d)^2 + \log \sigma_d\big) -
+        \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
+        loc, scale = self.loc_scale(z)
+        return -(0.5 * ((x - loc) / scale).square() + scale.log()).sum(-1) - (
+            loc.shape[-1] * _LOG_SQRT_2PI
+        )
+
 
 class Laplace(_LocScale):
     r"""Independent Laplace features, :math:`p(x \mid z) = \prod_d \frac{1}{2b_d}
@@ -206,6 +229,11 @@ class Laplace(_LocScale):
     def forward(self, z: torch.Tensor) -> dist.Distribution:
         loc, scale = self.loc_scale(z)
         return dist.Laplace(loc, scale).to_event(1)
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`-\sum_d \big(|x_d - \mu_d| / b_d + \log 2 b_d\big)`, shape ``z.shape[:-1]``."""
+        loc, scale = self.loc_scale(z)
+        return -((x - loc).abs() / scale + (2 * scale).log()).sum(-1)
 
 
 class ContinuousBernoulli(Likelihood):

@@ -4,6 +4,12 @@ Contract: a prior is a :class:`torch.nn.Module` with an integer attribute ``late
 with no arguments it returns a :class:`~pyro.distributions.Distribution` with
 ``event_shape == (latent_dim,)`` and ``batch_shape == ()``. The :class:`~pyrovae.VAE` puts it
 inside the ``"data"`` plate, which broadcasts it over the minibatch (and over vectorized particles).
+
+Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+``prior.log_prob(z)``, :math:`\log p(z)` of latents ``(..., latent_dim)``, shape ``(...)``,
+computed without building distribution objects, equal to ``prior().log_prob(z)`` to float
+rounding. The :class:`~pyrovae.VAE` uses it only when it is defined by the same class as
+``forward`` or a subclass of it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,9 @@ __all__ = [
     "FlowPrior",
     "flow_prior",
 ]
+
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Prior(nn.Module):
@@ -140,6 +149,10 @@ class StandardNormal(Prior):
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
 
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(z) = -\tfrac12 \|z\|^2 - \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
+        return -0.5 * z.square().sum(-1) - z.shape[-1] * _LOG_SQRT_2PI
+
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     return y + torch.log(-torch.expm1(-y))
@@ -169,6 +182,16 @@ class LearnedNormal(Prior):
 
     def forward(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(z) = -\sum_d \big(\tfrac12 ((z_d - \mu_d) / \sigma_d)^2 + \log
+        \sigma_d\big) - \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
+        scale = self.scale
+        return (
+            -0.5 * ((z - self.loc) / scale).square().sum(-1)
+            - scale.log().sum()
+            - z.shape[-1] * _LOG_SQRT_2PI
+        )
 
 
 class MixtureOfGaussians(Prior):

@@ -791,7 +791,8 @@ def test_the_untraced_elbo_is_trace_elbo(prior, family, likelihood, digits, floa
     """VAE.trace_elbo_loss (what fit runs for the default Trace_ELBO) equals Pyro's
     Trace_ELBO on the VAE's own model and guide, value and every gradient, for every allowed
     combination, on a subsample (scale N/B = 2) with a KL weight: the same draw from the same
-    RNG state, the same site scales."""
+    RNG state, the same site scales. The parts' closed forms (rsample_and_log_prob, log_prob)
+    agree to float64 rounding, the distributions to the bit."""
     x = digits["small_binary" if likelihood == "bernoulli" else "small_grey"].double()
     torch.manual_seed(0)
     vae = build_vae(_small_config(prior, family, likelihood), num_data=len(x)).double()
@@ -812,7 +813,141 @@ def test_the_untraced_elbo_is_trace_elbo(prior, family, likelihood, digits, floa
     assert direct == pytest.approx(traced, rel=1e-12, abs=1e-9)
     assert traced_grads.keys() == direct_grads.keys() and traced_grads
     for name, g in traced_grads.items():
-        assert torch.equal(direct_grads[name], g), name
+        assert torch.allclose(direct_grads[name], g, rtol=1e-10, atol=1e-12), name
+
+
+def _closed_form_families() -> dict[str, nn.Module]:
+    return {
+        "diagonal": DiagonalNormal(MLP(6, (5,), 5, activate_output=True), 3),
+        "full_rank": FullRankNormal(MLP(6, (5,), 5, activate_output=True), 3),
+        "local": LocalNormal(7, 3, init_scale=0.7),
+    }
+
+
+def _closed_form_likelihoods() -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {"bernoulli": Bernoulli(MLP(3, (5,), 6))}
+    for cls in (Gaussian, Laplace):
+        out[f"{cls.__name__}-fixed"] = cls(MLP(3, (5,), 6), 0.3)
+        out[f"{cls.__name__}-learned"] = cls(MLP(3, (5,), 6), "learned")
+        out[f"{cls.__name__}-predicted"] = cls(MLP(3, (5,), 12), "predicted")
+    return out
+
+
+@pytest.mark.parametrize("name", ["diagonal", "full_rank", "local"])
+def test_family_closed_form_is_its_distribution(name, float64):
+    """A family's rsample_and_log_prob draws the same z from the same RNG state as
+    family(x, idx).rsample() and gives its log_prob, with the same gradients (float64 rounding)."""
+    family = _closed_form_families()[name]
+    _perturb(family, 0.3)
+    x, idx = torch.rand(4, 6), torch.tensor([6, 0, 3, 3])
+    results = []
+    for closed in (True, False):
+        torch.manual_seed(2)
+        if closed:
+            z, log_q = family.rsample_and_log_prob(x, idx)
+        else:
+            q = family(x, idx)
+            z = q.rsample()
+            log_q = q.log_prob(z)
+        family.zero_grad()
+        (log_q.sum() + z.square().sum()).backward()
+        results.append((z.detach(), log_q.detach(),
+                        {n: p.grad.clone() for n, p in family.named_parameters() if p.grad is not None}))
+    (z1, lq1, g1), (z2, lq2, g2) = results
+    assert z1.shape == (4, 3) and lq1.shape == (4,)
+    assert torch.allclose(z1, z2, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(lq1, lq2, rtol=1e-12, atol=1e-12)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-10, atol=1e-12), n
+
+
+@pytest.mark.parametrize("name", ["standard", "learned"])
+def test_prior_closed_form_is_its_distribution(name, float64):
+    """prior.log_prob(z) = prior().log_prob(z) at latents of any batch shape, and its gradients."""
+    prior = StandardNormal(3) if name == "standard" else LearnedNormal(3)
+    _perturb(prior, 0.3)
+    z = torch.randn(2, 4, 3, requires_grad=True)
+    closed, reference = prior.log_prob(z), prior().log_prob(z)
+    assert closed.shape == (2, 4)
+    assert torch.allclose(closed, reference, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(closed.sum(), [z, *prior.parameters()]),
+                    torch.autograd.grad(reference.sum(), [z, *prior.parameters()])):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(_closed_form_likelihoods()))
+def test_likelihood_closed_form_is_its_distribution(name, float64):
+    """likelihood.log_prob(x, z) = likelihood(z).log_prob(x), and its gradients."""
+    likelihood = _closed_form_likelihoods()[name]
+    _perturb(likelihood, 0.3)
+    z = torch.randn(2, 4, 3, requires_grad=True)
+    x = torch.bernoulli(torch.full((4, 6), 0.5)) if name == "bernoulli" else torch.rand(4, 6)
+    closed, reference = likelihood.log_prob(x, z), likelihood(z).log_prob(x)
+    assert closed.shape == (2, 4)
+    assert torch.allclose(closed, reference, rtol=1e-12, atol=1e-12)
+    wrt = [z, *likelihood.parameters()]
+    for a, b in zip(torch.autograd.grad(closed.sum(), wrt), torch.autograd.grad(reference.sum(), wrt)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_elbo_uses_a_closed_form_only_where_it_matches_the_distribution(float64, monkeypatch):
+    """trace_elbo_loss takes the built-in parts' closed forms (it never builds their
+    distributions), but a subclass that changes the distribution (forward or
+    distribution_from_params) does not inherit its parent's closed form: its loss is Trace_ELBO
+    of its own program, to the bit."""
+
+    class WideDiagonal(DiagonalNormal):
+        def distribution_from_params(self, params):
+            return dist.Normal(params["loc"], 2 * F.softplus(params["raw_scale"])).to_event(1)
+
+    class WideNormal(StandardNormal):
+        def forward(self):
+            return dist.Normal(self.loc, 2 * self.scale).to_event(1)
+
+    class ColdBernoulli(Bernoulli):
+        def forward(self, z):
+            return dist.Bernoulli(logits=self.decoder(z) / 2).to_event(1)
+
+    x = torch.bernoulli(torch.full((6, 4), 0.5))
+    idx = torch.arange(0, 6, 2)
+
+    def parts(family_cls, prior_cls, likelihood_cls):
+        torch.manual_seed(0)
+        return VAE(prior_cls(2), family_cls(MLP(4, (), 5, activate_output=True), 2),
+                   likelihood_cls(MLP(2, (), 4)), num_data=6)
+
+    def losses(vae):
+        torch.manual_seed(1)
+        direct = vae.trace_elbo_loss(x[idx], idx, kl_weight=0.7)
+        torch.manual_seed(1)
+        traced = Trace_ELBO().differentiable_loss(vae._model, vae._guide, x[idx], idx, kl_weight=0.7)
+        return float(direct.detach()), float(traced.detach())
+
+    base = parts(DiagonalNormal, StandardNormal, Bernoulli)
+    direct, traced = losses(base)
+    assert direct == pytest.approx(traced, rel=1e-12)
+    for subclass in ((WideDiagonal, StandardNormal, Bernoulli), (DiagonalNormal, WideNormal, Bernoulli),
+                     (DiagonalNormal, StandardNormal, ColdBernoulli)):
+        vae = parts(*subclass)
+        direct, traced = losses(vae)
+        assert direct == traced, subclass  # the distributions' path: Trace_ELBO to the bit
+        assert abs(direct - losses(base)[0]) > 1e-3  # and not the parent's closed form
+    # An instance attribute replacing forward disables the closed form as well.
+    vae = parts(DiagonalNormal, StandardNormal, Bernoulli)
+    vae.prior.forward = lambda: dist.Normal(torch.zeros(2), 2 * torch.ones(2)).to_event(1)
+    direct, traced = losses(vae)
+    assert direct == traced and abs(direct - losses(base)[0]) > 1e-3
+
+    # The built-in parts' distributions are never built on the closed-form path.
+    def refuse(*args, **kwargs):
+        raise AssertionError("built a distribution")
+
+    expected = losses(base)[0]
+    for cls in (DiagonalNormal, StandardNormal, Bernoulli):
+        monkeypatch.setattr(cls, "forward", refuse)
+    torch.manual_seed(1)
+    assert float(base.trace_elbo_loss(x[idx], idx, kl_weight=0.7)) == expected
 
 
 @pytest.mark.parametrize("prior,family,likelihood", VALID, ids=["-".join(c) for c in VALID])
