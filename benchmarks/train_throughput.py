@@ -10,7 +10,7 @@ The reference is the loop a PyTorch user writes by hand: encoder -> reparameteri
 decoder -> BCE + analytic-free Monte Carlo KL, ``torch.optim.Adam`` with its defaults. A second
 reference uses ``Adam(fused=True)``, as ``fit`` does where torch has it, so the ratio against it
 isolates what the Pyro form costs. ``fit`` evaluates the default ``Trace_ELBO`` without Pyro's
-tracing (``VAE.trace_elbo_loss``: the same loss, gradients equal to the bit); ``fit`` with a
+tracing (``VAE.trace_elbo_loss``: the same loss, gradients equal to float rounding); ``fit`` with a
 ``Trace_ELBO`` subclass runs Pyro's tracing, and is measured too. A breakdown times the phases of
 one step (loss forward, backward, optimizer) for each, to say where the remaining time goes.
 

@@ -447,7 +447,26 @@ def _nonfinite_gradient(params: list[torch.Tensor], clip_grad_norm: float | None
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), dtype=torch.bool)
+    found = _found_nonfinite(grads)
+    if found is not None:
+        return found
     return ~torch.isfinite(torch.stack([g.sum() for g in grads]).sum())
+
+
+def _found_nonfinite(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The check ``torch.amp.GradScaler`` makes before an update (its ``unscale_``, with a scale
+    of 1, which leaves every gradient as it is): one foreach kernel for all the gradients
+    instead of one sum each, ~35 us less per step on a CPU. ``None`` where it does not apply
+    (sparse gradients, gradients on several devices, a torch without the op)."""
+    device = grads[0].device
+    found = torch.zeros((), dtype=torch.float32, device=device)
+    try:
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            grads, found, torch.ones((), dtype=torch.float32, device=device)
+        )
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return None
+    return found.bool()
 
 
 def _all_reduce_gradients(

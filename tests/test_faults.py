@@ -250,6 +250,40 @@ def test_nonfinite_gradient_in_loss_and_grads_path() -> None:
     assert not _equal(loss.before[3], loss.before[2])
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["one-kernel", "per-gradient sums"])
+def test_the_gradient_check_finds_exactly_the_nonfinite_gradients(foreach, monkeypatch) -> None:
+    """The guard flags a NaN or an infinity in any gradient, of any dtype, in either of its two
+    ways (GradScaler's foreach check, and the per-gradient sums it falls back to where that op
+    does not apply, e.g. sparse gradients), and nothing else; it leaves the gradients as they were."""
+    from pyrovae.training import _nonfinite_gradient
+
+    if not foreach:
+        def unavailable(*args):
+            raise NotImplementedError("no such kernel here")
+
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unavailable)
+
+    def flagged(*grads: torch.Tensor) -> bool:
+        params = []
+        for g in grads:
+            p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+            p.grad = g.clone()
+            params.append(p)
+        bad = bool(_nonfinite_gradient(params + [torch.nn.Parameter(torch.zeros(2))], None))
+        assert all(torch.equal(p.grad, g) or torch.isnan(g).any() for p, g in zip(params, grads))
+        return bad
+
+    finite = torch.tensor([1e30, -3.0, 0.0])
+    assert not flagged(finite, torch.ones(4, 2, dtype=torch.float64))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert flagged(finite, torch.tensor([[1.0], [bad]]))
+        assert flagged(torch.tensor([bad], dtype=torch.float64), finite)
+    sparse = torch.tensor([0.0, float("nan")]).to_sparse()
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = sparse
+    assert bool(_nonfinite_gradient([p], None))
+
+
 def test_bad_streak_stops_training_and_keeps_last_good_checkpoint(tmp_path: Path) -> None:
     vae, data = _setup()
     loss = FaultyELBO(vae, {5: "nan", 6: "nan", 7: "inf"})

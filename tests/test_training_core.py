@@ -112,7 +112,7 @@ def test_history_names_its_objective() -> None:
     assert old.train_objective == [-5.0] and old.objective == ""  # unknown until resumed
 
 
-def test_checkpoint_of_pyrovae_0_1_resumes_exactly(tmp_path: Path) -> None:
+def test_checkpoint_of_pyrovae_0_1_resumes(tmp_path: Path) -> None:
     """A mid-epoch checkpoint written by the fit of pyrovae 0.1 (before TrainState: epoch 2,
     minibatch 2, beta 0.7 with warm-up, validation) resumes to the parameters and training
     objective that pyrovae 0.1's own uninterrupted run reached after 2 epochs (both saved by
@@ -126,10 +126,12 @@ def test_checkpoint_of_pyrovae_0_1_resumes_exactly(tmp_path: Path) -> None:
     vae = build_vae(VAEConfig(num_features=6, latent_dim=2, hidden_dims=(8,)), num_data=48)
     hist = fit(vae, data, resume=tmp_path, batch_size=8, seed=2, progress=False, beta=0.7,
                kl_warmup_epochs=1.5, validation=data[:8], num_epochs=2)
-    assert all(torch.equal(v, expected[k]) for k, v in _params(vae).items())
+    # The same draws and steps; today's default loss evaluates the same gradients with the
+    # parts' closed forms, to float32 rounding (0.1 evaluated Pyro's sites' distributions).
+    for k, v in _params(vae).items():
+        assert_close(v, expected[k], rtol=1e-5, atol=1e-6, msg=k)
     # 0.1's history; its losses were Pyro's float64 sums of the sites' float32 sums, today's are
-    # the float32 sum (the untraced Trace_ELBO: same gradients to the bit, the value rounded once
-    # more), so the reported objective agrees to float32 precision.
+    # the float32 sum, so the reported objective agrees to float32 precision.
     assert hist.train_objective == pytest.approx([-4.237221558888754, -4.425570646921793],
                                                  rel=1e-6)
     assert hist.resumed_at_step == [8] and hist.num_steps == 12
