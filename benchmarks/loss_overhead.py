@@ -1,7 +1,7 @@
 """What the Pyro model/guide form costs per training step, apart from the arithmetic.
 
 The same two losses as ``train_throughput.py`` -- pyrovae's default loss evaluated without Pyro's
-tracing (``VAE.trace_elbo_loss``, equal to ``Trace_ELBO`` to the bit) and the hand-written
+tracing (``VAE.trace_elbo_loss``, equal to ``Trace_ELBO`` to float rounding) and the hand-written
 PyTorch VAE's loss -- on a tiny network (8-8-8-2, batch 4), where the arithmetic is negligible and
 what is left is each call's fixed cost: Python, the dispatcher, building ``torch.distributions``
 objects, autograd nodes. Forward, and forward + backward, median microseconds of interleaved

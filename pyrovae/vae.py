@@ -2,7 +2,6 @@ r"""The :class:`VAE`: a prior, a variational family and a likelihood as one Pyro
 
 from __future__ import annotations
 
-import functools
 import itertools
 from typing import Any
 
@@ -329,12 +328,23 @@ class VAE(PyroModule):
         return f"num_data={self.num_data}, latent_dim={self.latent_dim}"
 
 
-@functools.lru_cache(maxsize=None)
+#: (class, method, the methods it stands in for) -> whether it applies; classes do not change.
+_CLOSED_FORMS: dict[tuple[type, str, tuple[str, ...]], bool] = {}
+
+
 def _defines_closed_form(cls: type, name: str, stands_in_for: tuple[str, ...]) -> bool:
     """Whether class ``cls`` has a method ``name`` defined by the class that defines each of
     ``stands_in_for`` or by a subclass of it (so a subclass that overrides ``forward`` does not
-    inherit a closed form of its parent's distribution)."""
+    inherit a closed form of its parent's distribution). Memoized in a plain dict, which
+    ``torch.compile`` traces (it warns about ``functools.lru_cache``)."""
+    key = (cls, name, stands_in_for)
+    found = _CLOSED_FORMS.get(key)
+    if found is None:
+        found = _CLOSED_FORMS[key] = _find_closed_form(cls, name, stands_in_for)
+    return found
 
+
+def _find_closed_form(cls: type, name: str, stands_in_for: tuple[str, ...]) -> bool:
     def owner(attr: str) -> type | None:
         return next((c for c in cls.__mro__ if attr in vars(c)), None)
 
