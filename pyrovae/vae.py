@@ -2,6 +2,7 @@ r"""The :class:`VAE`: a prior, a variational family and a likelihood as one Pyro
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from typing import Any
 
@@ -171,8 +172,8 @@ class VAE(PyroModule):
         :mod:`pyrovae.families`, :mod:`pyrovae.priors`, :mod:`pyrovae.likelihoods`), else from
         its distribution, broadcast over the plate as Pyro does. The closed forms skip building
         ``torch.distributions`` objects, about 0.4 ms of fixed cost per training step; they
-        give ``Trace_ELBO``'s value and gradients to float rounding. A test checks value and gradients against ``Trace_ELBO`` for every prior x family
-        x likelihood, in float64.
+        give ``Trace_ELBO``'s value and gradients to float rounding. A test checks value and
+        gradients against ``Trace_ELBO`` for every prior x family x likelihood, in float64.
 
         :returns: the loss (a scalar), or ``None`` if this family's :math:`q(z \mid x)` has no
             reparameterized sampler (``Trace_ELBO`` would add a score-function term).
@@ -181,7 +182,8 @@ class VAE(PyroModule):
         # (model sites, then the guide's); a distribution is broadcast over the plate (expand),
         # as the plate does.
         batch = torch.Size((x.shape[0],))
-        draw = _closed_form(self.family, "rsample_and_log_prob", ("forward", "distribution_from_params"))
+        draw = _closed_form(self.family, "rsample_and_log_prob", 2,
+                            ("forward", "distribution_from_params"))
         if draw is not None:
             z, log_q = draw(x, idx)
         else:
@@ -190,11 +192,11 @@ class VAE(PyroModule):
                 return None
             z = q.rsample()
             log_q = None
-        prior_log_prob = _closed_form(self.prior, "log_prob", ("forward",))
+        prior_log_prob = _closed_form(self.prior, "log_prob", 1, ("forward",))
         log_pz = prior_log_prob(z) if prior_log_prob is not None else (
             self.prior().expand(batch).log_prob(z)
         )
-        likelihood_log_prob = _closed_form(self.likelihood, "log_prob", ("forward",))
+        likelihood_log_prob = _closed_form(self.likelihood, "log_prob", 2, ("forward",))
         log_px = likelihood_log_prob(x, z) if likelihood_log_prob is not None else (
             self.likelihood(z).expand(batch).log_prob(x)
         )
@@ -328,37 +330,45 @@ class VAE(PyroModule):
         return f"num_data={self.num_data}, latent_dim={self.latent_dim}"
 
 
-#: (class, method, the methods it stands in for) -> whether it applies; classes do not change.
-_CLOSED_FORMS: dict[tuple[type, str, tuple[str, ...]], bool] = {}
+#: (class, method, arguments, the methods it stands in for) -> whether it applies (a class's
+#: methods are not expected to change at run time).
+_CLOSED_FORMS: dict[tuple[type, str, int, tuple[str, ...]], bool] = {}
 
 
-def _defines_closed_form(cls: type, name: str, stands_in_for: tuple[str, ...]) -> bool:
-    """Whether class ``cls`` has a method ``name`` defined by the class that defines each of
-    ``stands_in_for`` or by a subclass of it (so a subclass that overrides ``forward`` does not
-    inherit a closed form of its parent's distribution). Memoized in a plain dict, which
-    ``torch.compile`` traces (it warns about ``functools.lru_cache``)."""
-    key = (cls, name, stands_in_for)
+def _defines_closed_form(cls: type, name: str, arity: int, stands_in_for: tuple[str, ...]) -> bool:
+    """Whether class ``cls`` has a method ``name`` taking ``arity`` positional arguments,
+    defined by the class that defines each of ``stands_in_for`` or by a subclass of it (so a
+    subclass that overrides ``forward`` does not inherit a closed form of its parent's
+    distribution, and a method of that name with another signature is not mistaken for one).
+    Memoized in a plain dict, which ``torch.compile`` traces (it warns about
+    ``functools.lru_cache``)."""
+    key = (cls, name, arity, stands_in_for)
     found = _CLOSED_FORMS.get(key)
     if found is None:
-        found = _CLOSED_FORMS[key] = _find_closed_form(cls, name, stands_in_for)
+        found = _CLOSED_FORMS[key] = _find_closed_form(cls, name, arity, stands_in_for)
     return found
 
 
-def _find_closed_form(cls: type, name: str, stands_in_for: tuple[str, ...]) -> bool:
+def _find_closed_form(cls: type, name: str, arity: int, stands_in_for: tuple[str, ...]) -> bool:
     def owner(attr: str) -> type | None:
         return next((c for c in cls.__mro__ if attr in vars(c)), None)
 
     own = owner(name)
-    if own is None or not callable(getattr(cls, name)):
+    method = getattr(cls, name, None)
+    if own is None or not inspect.isfunction(method):
+        return False
+    try:
+        inspect.signature(method).bind(*([None] * (arity + 1)))  # self and the arguments
+    except TypeError:
         return False
     return all((o := owner(a)) is None or issubclass(own, o) for a in stands_in_for)
 
 
-def _closed_form(part: nn.Module, name: str, stands_in_for: tuple[str, ...]) -> Any:
+def _closed_form(part: nn.Module, name: str, arity: int, stands_in_for: tuple[str, ...]) -> Any:
     """``part``'s closed-form method ``name`` (bound), or ``None`` where the part has none, or
     where the method might not match the part's distribution (see :func:`_defines_closed_form`;
     an instance attribute overriding any of the methods also disables it)."""
-    if not _defines_closed_form(type(part), name, stands_in_for):
+    if not _defines_closed_form(type(part), name, arity, stands_in_for):
         return None
     attrs = vars(part)
     if name in attrs or any(a in attrs for a in stands_in_for):

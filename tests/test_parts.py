@@ -933,6 +933,24 @@ def test_the_elbo_uses_a_closed_form_only_where_it_matches_the_distribution(floa
         direct, traced = losses(vae)
         assert direct == pytest.approx(traced, rel=1e-12), subclass  # its own distributions
         assert abs(direct - losses(base)[0]) > 1e-3  # and not the parent's closed form
+    # A part meeting the contract whose log_prob means something else (another signature) is
+    # evaluated through its distribution.
+    class OwnLikelihood(nn.Module):
+        def __init__(self, decoder):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, z):
+            return dist.Bernoulli(logits=self.decoder(z)).to_event(1)
+
+        def log_prob(self, x):
+            raise AssertionError("not a closed form")
+
+    torch.manual_seed(0)
+    vae = VAE(StandardNormal(2), DiagonalNormal(MLP(4, (), 5, activate_output=True), 2),
+              OwnLikelihood(MLP(2, (), 4)), num_data=6)
+    direct, traced = losses(vae)
+    assert direct == pytest.approx(traced, rel=1e-12)
     # An instance attribute replacing forward disables the closed form as well.
     vae = parts(DiagonalNormal, StandardNormal, Bernoulli)
     vae.prior.forward = lambda: dist.Normal(torch.zeros(2), 2 * torch.ones(2)).to_event(1)
