@@ -61,6 +61,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from ._densities import LOG_SQRT_2PI
 from .splines import ConditionalSplineAutoregressive
 from .errors import ConfigError, DataError
 
@@ -217,9 +218,6 @@ def _diagonal_normal(params: Params, min_scale: float) -> dist.Distribution:
     return dist.Normal(params["loc"], scale).to_event(1)
 
 
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
-
-
 def _standard_normal_like(loc: torch.Tensor) -> torch.Tensor:
     """The noise ``torch.distributions`` draws for ``rsample`` of a (multivariate) normal with
     location ``loc`` (its ``_standard_normal``): the same numbers from the same RNG state."""
@@ -232,7 +230,7 @@ def _diagonal_normal_rsample(params: Params, min_scale: float) -> tuple[torch.Te
     scale = F.softplus(params["raw_scale"]) + min_scale
     eps = _standard_normal_like(loc)
     z = loc + eps * scale
-    log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - loc.shape[-1] * _LOG_SQRT_2PI
+    log_q = -(0.5 * eps.square() + scale.log()).sum(-1) - loc.shape[-1] * LOG_SQRT_2PI
     return z, log_q
 
 
@@ -372,7 +370,7 @@ class FullRankNormal(_GaussianHeads):
         eps = _standard_normal_like(loc)
         z = loc + (tril @ eps.unsqueeze(-1)).squeeze(-1)
         log_det = torch.diagonal(tril, dim1=-2, dim2=-1).log().sum(-1)
-        log_q = -0.5 * eps.square().sum(-1) - log_det - loc.shape[-1] * _LOG_SQRT_2PI
+        log_q = -0.5 * eps.square().sum(-1) - log_det - loc.shape[-1] * LOG_SQRT_2PI
         return z, log_q
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from ._densities import diagonal_normal_log_prob
 from .errors import ConfigError
 
 __all__ = [
@@ -36,9 +37,6 @@ __all__ = [
     "IntensityCategorical",
     "intensity_levels",
 ]
-
-
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Likelihood(nn.Module):
@@ -211,10 +209,7 @@ class Gaussian(_LocScale):
     def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         r""":math:`-\sum_d \big(\tfrac12 ((x_d - \mu_d) / \sigma_d)^2 + \log \sigma_d\big) -
         \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
-        loc, scale = self.loc_scale(z)
-        return -(0.5 * ((x - loc) / scale).square() + scale.log()).sum(-1) - (
-            loc.shape[-1] * _LOG_SQRT_2PI
-        )
+        return diagonal_normal_log_prob(x, *self.loc_scale(z))
 
 
 class Laplace(_LocScale):

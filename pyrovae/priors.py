@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
+from ._densities import LOG_SQRT_2PI, diagonal_normal_log_prob
 from .splines import SplineAutoregressive
 from .errors import ConfigError
 
@@ -38,9 +39,6 @@ __all__ = [
     "FlowPrior",
     "flow_prior",
 ]
-
-
-_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
 class Prior(nn.Module):
@@ -151,7 +149,7 @@ class StandardNormal(Prior):
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(z) = -\tfrac12 \|z\|^2 - \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
-        return -0.5 * z.square().sum(-1) - z.shape[-1] * _LOG_SQRT_2PI
+        return -0.5 * z.square().sum(-1) - z.shape[-1] * LOG_SQRT_2PI
 
 
 def _inverse_softplus(y: torch.Tensor) -> torch.Tensor:
@@ -186,12 +184,7 @@ class LearnedNormal(Prior):
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         r""":math:`\log p(z) = -\sum_d \big(\tfrac12 ((z_d - \mu_d) / \sigma_d)^2 + \log
         \sigma_d\big) - \tfrac D2 \log 2\pi`, shape ``z.shape[:-1]``."""
-        scale = self.scale
-        return (
-            -0.5 * ((z - self.loc) / scale).square().sum(-1)
-            - scale.log().sum()
-            - z.shape[-1] * _LOG_SQRT_2PI
-        )
+        return diagonal_normal_log_prob(z, self.loc, self.scale)
 
 
 class MixtureOfGaussians(Prior):
