@@ -20,7 +20,10 @@ Run: ``PYROVAE_DATA=... python benchmarks/log_likelihood_speed.py [--threads 2] 
 --full-only`` splits the K = 5000 run over two processes (``process_group=True``); ``--compile``
 times ``log_likelihood(..., compile=True)`` beside the eager one (its compilation apart), or with
 ``--full-only`` the whole compiled run, its compilation included (``TORCHINDUCTOR_CACHE_DIR`` set to
-an empty folder makes that a first run's compilation).
+an empty folder makes that a first run's compilation). ``--reference-every N`` (with
+``--full-only``) times the bare estimator beside the run: after each tenth of the digits, on
+every N-th digit of it; the result adds its projected full time and the ratio, part by part, so
+that a drifting machine slows both alike.
 """
 
 from __future__ import annotations
@@ -118,6 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
                    help="with --full-only: log_likelihood(..., diagnostics=False) (no PSIS k-hat, ESS)")
     p.add_argument("--full-points", type=int, default=None,
                    help="with --full/--full-only: the first N test digits (default: all 10,000)")
+    p.add_argument("--reference-every", type=int, default=0, metavar="N",
+                   help="with --full-only: split the run into --segments parts and, after each, "
+                        "time the bare estimator on every N-th digit of that part (a reference "
+                        "measured beside the run, whose full time is projected x N)")
+    p.add_argument("--segments", type=int, default=10,
+                   help="with --reference-every: how many parts (default 10)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -201,33 +210,68 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
-    """K = 5000 on every test digit, in this process or split over torchrun's processes."""
+    """K = 5000 on every test digit, in this process or split over torchrun's processes.
+
+    With ``--reference-every N`` the digits are scored in ``--segments`` consecutive parts (each
+    seeded by its number), and after each part the bare estimator scores every N-th digit of it,
+    split over the same processes: a reference timed beside the run, segment by segment, so
+    that the machine's drift (+-20 % over minutes on a shared VM) falls on both alike. Its
+    projected full time is its seconds x N; ``reference_ratio`` = that / pyrovae's seconds."""
     from pyrovae import distributed
+    from pyrovae.importance import mean_stderr
 
     group = distributed.process_group(None)
-    t0 = time.perf_counter()
-    ll = pyrovae.log_likelihood(vae, x_all, 5000, seed=0, process_group=group or False,
-                                compile=args.compile, diagnostics=args.diagnostics)
-    seconds = time.perf_counter() - t0
+    every = args.reference_every
+    bounds = ([0, len(x_all)] if not every else
+              torch.linspace(0, len(x_all), args.segments + 1).round().long().tolist())
+    seconds, reference_seconds, values, segments = 0.0, 0.0, [], []
+    for s, (b0, b1) in enumerate(zip(bounds[:-1], bounds[1:])):
+        t0 = time.perf_counter()
+        ll = pyrovae.log_likelihood(vae, x_all[b0:b1], 5000, seed=s if every else 0,
+                                    process_group=group or False, compile=args.compile,
+                                    diagnostics=args.diagnostics)
+        ours = time.perf_counter() - t0
+        seconds += ours
+        values.append(ll.values)
+        if every:
+            xr = x_all[b0:b1:every]
+            mine = xr[distributed.shard_indices(len(xr), group)]
+            t0 = time.perf_counter()
+            bare_log_likelihood(vae, mine, 5000)
+            if group is not None:
+                distributed._barrier(group)
+            ref = time.perf_counter() - t0
+            reference_seconds += ref
+            segments.append({"digits": b1 - b0, "seconds": ours, "reference_digits": len(xr),
+                             "reference_seconds": ref,
+                             "ratio": ref * (b1 - b0) / len(xr) / ours})
+    mean, stderr = mean_stderr(torch.cat(values))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     peaks = [peak]
     if group is not None:
         peaks = distributed._gather_objects(peak, group) or peaks
     result = {
-        "num_samples": 5000, "points": len(x_all), "seconds": seconds, "mean": ll.mean,
-        "stderr": ll.stderr, "compiled": args.compile, "diagnostics": args.diagnostics,
+        "num_samples": 5000, "points": len(x_all), "seconds": seconds,
+        "mean": mean, "stderr": stderr,
+        "compiled": args.compile, "diagnostics": args.diagnostics,
         "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default"),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "processes": distributed.world_size(group),
         "threads_per_process": torch.get_num_threads(), "peak_rss_gb_per_process": peaks,
         "torch": torch.__version__, "load_average_at_end": list(os.getloadavg()),
     }
+    if every:
+        projected = reference_seconds * sum(sg["digits"] for sg in segments) / sum(
+            sg["reference_digits"] for sg in segments)
+        result.update(reference="bare estimator (hand-written loop, eager)",
+                      reference_every=every, reference_seconds=reference_seconds,
+                      reference_projected_seconds=projected,
+                      reference_ratio=projected / seconds, segments=segments)
     if distributed.is_main(group):
         print(json.dumps(result), flush=True)
         if args.out:
             args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
-
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from conftest import HAS_CXX  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+
 def test_ratio_rows_and_the_full_run(tmp_path):
     import log_likelihood_speed as bench
 
@@ -44,3 +45,26 @@ def test_ratio_rows_and_the_full_run(tmp_path):
     x, _ = bench.test_digits()
     expected = pyrovae.log_likelihood(vae, x[:2], 5000, seed=0, diagnostics=False)
     assert full["mean"] == pytest.approx(expected.mean, rel=1e-6)
+
+
+def test_the_full_run_with_a_reference_beside_it():
+    """``--reference-every``: the run in seeded segments, the bare estimator timed after each on
+    every N-th digit; the estimate is the library's, segment by segment, and the projection is
+    the reference's seconds scaled to all the digits."""
+    import log_likelihood_speed as bench
+
+    full = bench.main(["--full-only", "--full-points", "4", "--no-diagnostics",
+                       "--reference-every", "2", "--segments", "2"])
+    assert [sg["digits"] for sg in full["segments"]] == [2, 2]
+    assert [sg["reference_digits"] for sg in full["segments"]] == [1, 1]
+    assert full["seconds"] == pytest.approx(sum(sg["seconds"] for sg in full["segments"]))
+    assert full["reference_projected_seconds"] == pytest.approx(2 * full["reference_seconds"])
+    assert full["reference_ratio"] == pytest.approx(
+        full["reference_projected_seconds"] / full["seconds"])
+    torch.manual_seed(0)
+    vae = bench.build().eval()
+    x, _ = bench.test_digits()
+    parts = [pyrovae.log_likelihood(vae, x[2 * s : 2 * s + 2], 5000, seed=s, diagnostics=False)
+             for s in range(2)]
+    expected = torch.cat([p.values for p in parts]).mean()
+    assert full["mean"] == pytest.approx(float(expected), rel=1e-6)
