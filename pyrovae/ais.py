@@ -478,6 +478,7 @@ def bdmc(
     max_bytes: int = DEFAULT_MAX_BYTES,
     seed: int | None = None,
     progress: bool = False,
+    local: str | None = None,
 ) -> BDMCResult:
     r"""Bidirectional Monte Carlo (Grosse et al. 2015) on ``num_points`` simulated datapoints.
 
@@ -498,6 +499,9 @@ def bdmc(
     :param num_points: simulated datapoints.
     :param is_samples: the ``K`` of the importance-sampling comparison (``None``: skip it).
     :param example: for a pair, a tensor ``(n, ...)`` whose row shape the data have.
+    :param local: for a per-datapoint family (which needs ``start="prior"``): the proposals of
+        the importance-sampling comparison, as for :func:`pyrovae.log_likelihood` (``"fit"``
+        fits each simulated point's own).
     :returns: a :class:`BDMCResult` (``values``: the per-datapoint widths).
     """
     _check_options(num_intermediate, num_chains, leapfrog_steps, start, step_size)
@@ -554,7 +558,7 @@ def bdmc(
 
         importance = iwae_bounds(
             vae, x_all.cpu() if program.vae is None else x_all, tuple(is_samples),
-            max_bytes=max_bytes, seed=None if seed is None else seed + 1,
+            max_bytes=max_bytes, seed=None if seed is None else seed + 1, local=local,
         )
     width = upper.values - lower.values
     mean, stderr = mean_stderr(width)

@@ -332,6 +332,12 @@ def _local(vae: VAE) -> dict[str, Any]:
     return {"local": "fit"} if capability(vae.family, "per_datapoint") else {}
 
 
+def _ais_start(vae: VAE) -> dict[str, Any]:
+    """AIS options for a per-datapoint family: start the chains from the prior (an encoder
+    start would need q(z|x) of points the family holds no parameters for)."""
+    return {"start": "prior"} if _local(vae) else {}
+
+
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
                       check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4,
                       group: Any = None, per_datapoint: bool = False,
@@ -394,7 +400,7 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     n = min(points, len(ll.values))
     t0 = time.perf_counter()
     a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n], num_intermediate=steps,
-            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_local(vae),
+            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_ais_start(vae),
             process_group=group or False)
     diff = a.values - ll.values[:n]
     finite = torch.isfinite(diff)
@@ -412,7 +418,8 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     else:
         verdict = (f"IS and AIS agree within {abs(d):.2f} ± {se:.2f} nats on these points: "
                    "the IS figure can be trusted to about that")
-    say(f"AIS check on the first {n} test points (T={steps}, {chains} chains, acceptance "
+    start = ", from the prior" if a.start == "prior" else ""
+    say(f"AIS check on the first {n} test points (T={steps}, {chains} chains{start}, acceptance "
         f"{float(a.acceptance.mean()):.2f}): AIS {a.mean:.2f}, IS {float(ll.values[:n].mean()):.2f}; "
         f"{verdict}")
     return {"num_datapoints": n, "num_intermediate": steps, "num_chains": chains,
@@ -606,6 +613,12 @@ def _train_run(args: argparse.Namespace) -> int:
     )
     torch.manual_seed(args.seed)
     vae = build_vae(config, num_data=len(train))
+    if valid is not None and _local(vae):
+        # A per-datapoint family has no parameters for held-out points, so no validation ELBO:
+        # it trains on the whole training split instead (and the test estimates fit each point).
+        train, valid = train_full, None
+        torch.manual_seed(args.seed)
+        vae = build_vae(config, num_data=len(train))
     loss = _loss(args.loss, args.num_particles, args.gradient)
     out = args.out or Path("runs") / f"{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if group is not None:  # rank 0's clock names the folder of all ranks
@@ -656,6 +669,9 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
         f"latent_dim={config.latent_dim} loss={args.loss} device={device}"
         + (f" processes={world}" if world > 1 else ""))
     say(f"run folder: {out}")
+    if valid is None and _local(vae) and args.validation_fraction > 0:
+        say(f"no validation split: the {config.family} family holds parameters only for training "
+            "datapoints, so it trains on all of them (the test estimates fit each test point's own)")
     if resuming:
         state = load_train_state(out)  # the same TrainState that fit(resume=...) loads
         say(f"resuming from {out / CHECKPOINT_NAME}: epoch {state.epoch + 1}, "
@@ -806,7 +822,7 @@ def _evaluate_run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = ais(vae, test, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
                      leapfrog_steps=args.leapfrog_steps, seed=args.seed, progress=progress,
-                     **_local(vae), process_group=group or False)
+                     **_ais_start(vae), process_group=group or False)
         say(f"test log-likelihood  {result.mean:9.2f} ± {result.stderr:.2f} nats (AIS, "
             f"T={args.ais_steps}, {args.ais_chains} chains, {args.leapfrog_steps} leapfrog "
             f"steps, acceptance {float(result.acceptance.mean()):.2f}, n={len(result.values)})")
@@ -889,7 +905,8 @@ def _bdmc(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = bdmc(vae, args.points, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
                   leapfrog_steps=args.leapfrog_steps, is_samples=tuple(args.is_samples),
-                  seed=args.seed, progress=not args.no_progress)
+                  seed=args.seed, progress=not args.no_progress, **_ais_start(vae),
+                  **_local(vae))
     print(result)
     report = {**result.to_dict(), "seconds": time.perf_counter() - t0, "seed": args.seed,
               "versions": _versions()}
@@ -916,6 +933,13 @@ def _gaps(args: argparse.Namespace) -> int:
             raise ConfigError(
                 f"{run / CONFIG_NAME} names no dataset (the run was not written by 'pyrovae "
                 "train'); measure it in Python with pyrovae.load_model and pyrovae.gaps"
+            )
+        family = (read_config(run).get("vae") or {}).get("family")
+        if family == "local":
+            raise ConfigError(
+                f"{run} was trained with --family local, which has no encoder (it fits "
+                "parameters per datapoint), so there is no amortization gap to split off; "
+                f"'pyrovae evaluate {run}' gives its log-likelihood"
             )
     out = args.out or (
         args.runs[0] if len(args.runs) == 1

@@ -786,7 +786,9 @@ def fit(
         / 7)``). It must return a positive finite number for every epoch.
     :param adam_eps: Adam's :math:`\epsilon` (``None``: torch's 1e-8 for a new run, the
         checkpoint's for a resumed one; a number is applied to a resumed run too).
-    :param validation: optional held-out data; its ELBO per datapoint is measured every epoch.
+    :param validation: optional held-out data; its ELBO per datapoint is measured every epoch
+        (refused for a family that holds parameters per training datapoint, ``LocalNormal``:
+        held-out points have none).
     :param seed: seeds Pyro and torch (every draw) and the minibatch order (epoch ``e`` uses a
         permutation seeded by ``(seed, e)``); ``None`` draws a seed from the global RNG. A resumed
         run uses the checkpoint's seed and RNG states.
@@ -897,6 +899,15 @@ def fit(
     _check_dataset(vae, train_set, "train", device)
     valid_set = None
     if validation is not None:
+        from .families import capability
+
+        if capability(vae.family, "per_datapoint"):
+            raise ConfigError(
+                f"validation data cannot be scored by {type(vae.family).__name__}, which holds "
+                "parameters only for the training datapoints (per_datapoint = True): a held-out "
+                "point's ELBO needs its own fitted parameters; train without validation= and "
+                "score held-out data afterwards with pyrovae.elbo(vae, data, local='fit')"
+            )
         valid_set = as_dataset(validation, "validation")
         _check_dataset(vae, valid_set, "validation", device)
 

@@ -62,6 +62,33 @@ def test_refused_runs_speak_cli_and_leave_no_folder(tmp_path, capsys, args, mess
     assert not run.exists()
 
 
+def test_a_local_family_runs_through_the_cli(tmp_path, capsys):
+    """`--family local` (parameters per training datapoint, no encoder) trains and is scored by
+    every command that can score it: no validation split (held-out points have no parameters;
+    fit refuses them), AIS from the prior (an encoder start needs q(z|x) of new points), the
+    BDMC's IS beside fitted proposals; `gaps` (no amortization gap without an encoder) refuses
+    it in one line. Each of these failed after training, with the API's words, before."""
+    run = tmp_path / "run"
+    tiny = [a if a != "0" else "3" for a in TINY] + ["--ais-steps", "5"]  # --check-points 3
+    assert main(["train", *tiny, "--family", "local", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "(6000 train, 0 validation, 1000 test)" in out and "no validation split" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["ais_check"]["ais"]["start"] == "prior"
+    assert math.isfinite(metrics["ais_check"]["ais_minus_is"]["mean"])
+    assert main(["evaluate", str(run), "--estimator", "ais", "--eval-points", "4",
+                 "--ais-steps", "5", "--no-progress"]) == 0
+    assert main(["bdmc", str(run), "--points", "3", "--ais-steps", "5", "--is-samples", "10",
+                 "--no-progress"]) == 0
+    (bdmc_file,) = run.glob("bdmc-*.json")
+    assert json.loads(bdmc_file.read_text())["lower"]["start"] == "prior"
+    capsys.readouterr()
+    assert main(["gaps", str(run), "--eval-points", "4", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no amortization gap" in err and "local='fit'" not in err
+    assert not list(run.glob("gaps*"))
+
+
 def test_a_run_remembers_its_data_root(tmp_path, monkeypatch, real_data_root):
     """`pyrovae evaluate RUN` finds the data where the run found it, without --data-root."""
     run = tmp_path / "run"

@@ -615,3 +615,21 @@ def test_compile_is_refused_where_it_does_not_apply() -> None:
                       num_data=N)
     with pytest.raises(pyrovae.ConfigError, match="local='fit'"):
         pyrovae.iwae_bounds(local, data, (1, 5), local="fit", compile=True)
+
+
+def test_validation_data_is_refused_for_a_per_datapoint_family(tmp_path) -> None:
+    """LocalNormal holds parameters for the training datapoints only: a validation ELBO of
+    held-out points would crash after the first epoch (it did, from the CLI), so fit refuses it
+    before training, leaving the model and the checkpoint folder untouched; without validation
+    data the same model trains."""
+    _, data = _setup()
+    local = build_vae(VAEConfig(num_features=D, latent_dim=2, hidden_dims=(8,), family="local"),
+                      num_data=N)
+    before = _params(local)
+    with pytest.raises(pyrovae.ConfigError, match=r"LocalNormal.*local='fit'"):
+        fit(local, data, validation=data[:5], num_epochs=1, batch_size=8, progress=False,
+            checkpoint_dir=tmp_path / "run")
+    assert all(torch.equal(before[k], v) for k, v in local.state_dict().items())
+    assert not (tmp_path / "run" / CHECKPOINT_NAME).exists()
+    history = fit(local, data, num_epochs=1, batch_size=8, progress=False)
+    assert history.validation_elbo == [None] and math.isfinite(history.train_objective[-1])
