@@ -333,9 +333,13 @@ def _local(vae: VAE) -> dict[str, Any]:
 
 
 def _ais_start(vae: VAE) -> dict[str, Any]:
-    """AIS options for a per-datapoint family: start the chains from the prior (an encoder
-    start would need q(z|x) of points the family holds no parameters for)."""
-    return {"start": "prior"} if _local(vae) else {}
+    """AIS options for a family that cannot give q(z|x) at any z (a planar or radial flow: no
+    inverse) or at new points (a per-datapoint family): start the chains from the prior, which
+    an encoder start would need."""
+    from .families import capability
+
+    anywhere = capability(vae.family, "log_prob_anywhere") and not _local(vae)
+    return {} if anywhere else {"start": "prior"}
 
 
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
@@ -1000,9 +1004,15 @@ def _print_gap_table(labels: list[str], report: dict[str, Any]) -> None:
     for label in labels:
         d = report[label]["diagnostics"]
         au, kl, agg = d["active_units"], d["kl"], d["aggregate_posterior"]
+        mi, marginal = ((f"{agg['mutual_information']['mean']:>15.2f}",
+                         f"{agg['marginal_kl']['mean']:>17.2f}") if agg is not None
+                        else (f"{'n/a':>15}", f"{'n/a':>17}"))
         print(f"{label:<{width}}{au['count']:>9d} / {au['latent_dim']:<2d}{kl['total']:>19.2f}"
-              f"{agg['mutual_information']['mean']:>15.2f}{agg['marginal_kl']['mean']:>17.2f}")
-    print("I(x;z) + KL(q(z)||p(z)) = average KL (Hoffman & Johnson 2016); I(x;z) <= log N")
+              f"{mi}{marginal}")
+    print("I(x;z) + KL(q(z)||p(z)) = average KL (Hoffman & Johnson 2016); I(x;z) <= log N"
+          + ("; n/a: the family evaluates q(z|x) only at its own samples (planar, radial)"
+             if any(report[label]["diagnostics"]["aggregate_posterior"] is None
+                    for label in labels) else ""))
 
 
 def _versions() -> dict[str, str]:

@@ -206,17 +206,21 @@ class Diagnostics:
 
     active_units: ActiveUnits
     kl: KLPerDimension
-    mutual_information: MutualInformation
+    mutual_information: MutualInformation | None  # None: q(z|x) only at its own samples
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "active_units": self.active_units.to_dict(),
             "kl": self.kl.to_dict(),
-            "aggregate_posterior": self.mutual_information.to_dict(),
+            "aggregate_posterior": (None if self.mutual_information is None
+                                    else self.mutual_information.to_dict()),
         }
 
     def __str__(self) -> str:
-        return f"{self.active_units}; {self.kl}; {self.mutual_information}"
+        mi = self.mutual_information
+        return (f"{self.active_units}; {self.kl}; "
+                + (str(mi) if mi is not None else "aggregate posterior: n/a (the family cannot "
+                   "evaluate q(z|x) at points it did not sample)"))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -561,16 +565,25 @@ def diagnose(
         they have no closed form.
     :param mi_num_samples: draws per datapoint for the aggregate posterior.
     :param mi_batch_size: mixture components per estimate of :math:`q(z)` (``None``: all).
+
+    A family that evaluates :math:`q(z \mid x)` only at its own samples (a planar or radial
+    flow: ``log_prob_anywhere = False``) has no aggregate posterior to evaluate:
+    ``mutual_information`` is then ``None`` (:func:`mutual_information` itself refuses it).
     """
-    return Diagnostics(
-        active_units(vae, data, num_samples=max(2, num_samples), seed=seed),
-        kl_per_dimension(vae, data, num_samples=num_samples, seed=None if seed is None else seed + 1),
-        mutual_information(
+    from .families import capability
+
+    mi = None
+    if capability(_check_vae(vae).family, "log_prob_anywhere"):
+        mi = mutual_information(
             vae,
             data,
             num_samples=mi_num_samples,
             batch_size=mi_batch_size,
             seed=None if seed is None else seed + 2,
             progress=progress,
-        ),
+        )
+    return Diagnostics(
+        active_units(vae, data, num_samples=max(2, num_samples), seed=seed),
+        kl_per_dimension(vae, data, num_samples=num_samples, seed=None if seed is None else seed + 1),
+        mi,
     )

@@ -627,7 +627,8 @@ def gaps(
     :param ais_options: keyword arguments of :func:`pyrovae.ais` (default
         ``num_intermediate=100, num_chains=4, leapfrog_steps=10, start="encoder"``: about
         2-3 times the cost of the importance sampling with ``K = 5000``; raise them where
-        ``log_px_candidates`` shows AIS still climbing).
+        ``log_px_candidates`` shows AIS still climbing). ``start="prior"`` by default for a
+        family that evaluates q(z|x) only at its own samples (planar, radial).
     :param max_bytes: memory budget of one decoder call when evaluating.
     :param max_rows: optional cap on rows per decoder call when evaluating.
     :param seed: seeds every draw (``None``: use the global RNG); the global RNG is restored.
@@ -650,6 +651,11 @@ def gaps(
     if log_px not in ("best", "is", "ais"):
         raise ConfigError(f"log_px must be 'best', 'is' or 'ais', got {log_px!r}")
     options = dict(_GAPS_AIS)
+    from .families import capability
+
+    family = getattr(vae, "family", None)  # (None for a (model, guide) pair)
+    if family is not None and not capability(family, "log_prob_anywhere"):  # planar, radial
+        options["start"] = "prior"
     if ais_options is not None:
         if not isinstance(ais_options, dict):
             raise ConfigError(f"ais_options must be a dict of pyrovae.ais arguments, got {ais_options!r}")

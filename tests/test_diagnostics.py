@@ -204,6 +204,12 @@ def test_diagnose_and_bad_input(float64):
     flow_vae = _vae(Flow(base, planar(L, 8)))
     with pytest.raises(ConfigError, match="planar"):
         mutual_information(flow_vae, x)
+    # ... so diagnose gives the other two for it, and no aggregate posterior (said so)
+    flow_d = diagnose(flow_vae, x, seed=0)
+    assert flow_d.mutual_information is None and flow_d.to_dict()["aggregate_posterior"] is None
+    assert flow_d.active_units.variances.shape == (L,) and math.isfinite(flow_d.kl.total)
+    assert "aggregate posterior: n/a" in str(flow_d)
+    assert d.mutual_information is not None and math.isfinite(d.mutual_information.mutual_information)
 
 
 def test_diagnostics_refuse_a_plain_pair_and_restore_the_rng(float64):
