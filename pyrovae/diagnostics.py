@@ -566,7 +566,7 @@ def diagnose(
     :param mi_num_samples: draws per datapoint for the aggregate posterior.
     :param mi_batch_size: mixture components per estimate of :math:`q(z)` (``None``: all).
 
-    A family that evaluates :math:`q(z \mid x)` only at its own samples (a planar or radial
+    A family that evaluates q(z|x) only at its own samples (a planar or radial
     flow: ``log_prob_anywhere = False``) has no aggregate posterior to evaluate:
     ``mutual_information`` is then ``None`` (:func:`mutual_information` itself refuses it).
     """
