@@ -118,7 +118,8 @@ def test_a_flow_without_inverse_runs_through_the_cli(tmp_path, capsys, family):
 _EACH_PART = ([["--family", f] for f in
                ("diagonal", "full_rank", "iaf", "planar", "radial", "spline", "householder")]
               + [["--prior", p] for p in ("learned", "mixture", "vamp", "flow")]
-              + [["--likelihood", lk] for lk in ("gaussian", "laplace", "continuous_bernoulli")])
+              + [["--likelihood", lk] for lk in
+                 ("gaussian", "laplace", "continuous_bernoulli", "categorical256")])
 
 
 @pytest.mark.parametrize("args", _EACH_PART, ids=lambda a: "-".join(a).lstrip("-"))
@@ -126,8 +127,7 @@ def test_each_part_trains_and_is_measured_by_every_command(tmp_path, args):
     """Every part the command line offers (with the defaults for the other two), end to end:
     train with the AIS check, then `evaluate --estimator ais`, `bdmc` and `gaps`. A part whose
     run trained and then stopped at a later measurement would fail here (the planar and radial
-    flows and the local family did). `--family local` (no gaps) and `--likelihood
-    categorical256` (30 s at these sizes) have their own tests."""
+    flows and the local family did). `--family local` (no gaps) has its own test."""
     run = tmp_path / "run"
     tiny = [a if a != "0" else "3" for a in TINY] + ["--ais-steps", "5", "--num-train", "300"]
     assert main(["train", *tiny, *args, "--out", str(run)]) == 0
