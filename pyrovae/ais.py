@@ -349,6 +349,19 @@ def _chain_stderr(log_w: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(log_w).all(0), se, torch.full_like(se, float("nan")))
 
 
+def start_for(family: Any, *, new_points: bool = True) -> str:
+    """The AIS start a family can take: ``"encoder"`` where it gives :math:`q(z \\mid x)` at any
+    ``z`` (and, for ``new_points``, at datapoints it holds no parameters for), else
+    ``"prior"`` (a planar or radial flow has no inverse; a per-datapoint family has nothing for
+    new points). The CLI and :func:`pyrovae.gaps` choose their default with it."""
+    from .families import capability
+
+    anywhere = capability(family, "log_prob_anywhere")
+    if new_points and capability(family, "per_datapoint"):
+        anywhere = False
+    return "encoder" if anywhere else "prior"
+
+
 def _check_options(num_intermediate: Any, num_chains: Any, leapfrog_steps: Any, start: Any, step_size: Any) -> None:
     check_positive_int(num_intermediate, "num_intermediate")
     check_positive_int(num_chains, "num_chains")

@@ -336,10 +336,9 @@ def _ais_start(vae: VAE) -> dict[str, Any]:
     """AIS options for a family that cannot give q(z|x) at any z (a planar or radial flow: no
     inverse) or at new points (a per-datapoint family): start the chains from the prior, which
     an encoder start would need."""
-    from .families import capability
+    from .ais import start_for
 
-    anywhere = capability(vae.family, "log_prob_anywhere") and not _local(vae)
-    return {} if anywhere else {"start": "prior"}
+    return {} if start_for(vae.family) == "encoder" else {"start": "prior"}
 
 
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,

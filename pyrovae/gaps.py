@@ -651,11 +651,11 @@ def gaps(
     if log_px not in ("best", "is", "ais"):
         raise ConfigError(f"log_px must be 'best', 'is' or 'ais', got {log_px!r}")
     options = dict(_GAPS_AIS)
-    from .families import capability
-
     family = getattr(vae, "family", None)  # (None for a (model, guide) pair)
-    if family is not None and not capability(family, "log_prob_anywhere"):  # planar, radial
-        options["start"] = "prior"
+    if family is not None:  # a per-datapoint family is scored on its own points here (lookup)
+        from .ais import start_for
+
+        options["start"] = start_for(family, new_points=False)
     if ais_options is not None:
         if not isinstance(ais_options, dict):
             raise ConfigError(f"ais_options must be a dict of pyrovae.ais arguments, got {ais_options!r}")
