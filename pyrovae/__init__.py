@@ -54,7 +54,15 @@ from .likelihoods import (
     Laplace,
     Likelihood,
 )
-from .nets import MLP, ConvDecoder, ConvEncoder, FactoredLogits
+from .nets import MLP, ConvDecoder, ConvEncoder, FactoredLogits, First
+from .hierarchy import (
+    BottomUp,
+    GaussianLayer,
+    Hierarchical,
+    LayerKL,
+    active_units_per_layer,
+    kl_per_layer,
+)
 from .priors import (
     FlowPrior,
     LearnedNormal,
@@ -111,6 +119,13 @@ __all__ = [
     "ConvEncoder",
     "ConvDecoder",
     "FactoredLogits",
+    "First",
+    "Hierarchical",
+    "BottomUp",
+    "GaussianLayer",
+    "kl_per_layer",
+    "active_units_per_layer",
+    "LayerKL",
     "Prior",
     "StandardNormal",
     "LearnedNormal",

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "FactoredLogits", "ACTIVATIONS"]
+__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "FactoredLogits", "First", "ACTIVATIONS"]
 
 #: Activation names accepted by :class:`MLP`.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -90,6 +90,40 @@ class MLP(nn.Sequential):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - torch's name
         return super().forward(input)
+
+
+class First(nn.Module):
+    """The first ``num`` coordinates of the last dimension: ``(..., D) -> (..., num)``.
+
+    The decoder of a VAE with stochastic layers reads the bottom layer :math:`z_1` of
+    :math:`z = (z_1, z_2, ...)` (see :mod:`pyrovae.hierarchy`):
+    ``Bernoulli(nn.Sequential(First(d1), MLP(d1, (200, 200), 784)))``.
+
+    :param num: how many leading coordinates to keep.
+
+    Example::
+
+        >>> First(2)(torch.arange(5.0))
+        tensor([0., 1.])
+    """
+
+    def __init__(self, num: int) -> None:
+        super().__init__()
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ConfigError(f"First needs a positive number of coordinates, got {num!r}")
+        self.num = num
+        self.out_features = num
+
+    def extra_repr(self) -> str:
+        return f"num={self.num}"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[-1] < self.num:
+            raise ConfigError(
+                f"First({self.num}) got latents of size {z.shape[-1]}; the bottom layer cannot "
+                "be larger than z"
+            )
+        return z[..., : self.num]
 
 
 def _make_activation(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
