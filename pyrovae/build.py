@@ -6,22 +6,29 @@ directly: this module only turns names and sizes into the same objects.
 ========================  =====================================================================
 registry                  names
 ========================  =====================================================================
-:data:`PRIORS`            ``standard``, ``learned``, ``mixture``, ``vamp``, ``flow``
+:data:`PRIORS`            ``standard``, ``learned``, ``mixture``, ``vamp``, ``flow``,
+                          ``hierarchical``
 :data:`FAMILIES`          ``diagonal``, ``full_rank``, ``iaf``, ``planar``, ``radial``,
-                          ``spline``, ``householder``, ``local``
+                          ``spline``, ``householder``, ``local``, ``bottom_up``
 :data:`LIKELIHOODS`       ``bernoulli``, ``gaussian``, ``laplace``, ``continuous_bernoulli``,
                           ``categorical256``
 :data:`NETWORKS`          ``mlp``, ``conv`` (needs ``image_shape``)
 ========================  =====================================================================
 
 The options (``VAEConfig.options``) are listed in :data:`OPTIONS`.
+
+Stochastic layers (:mod:`pyrovae.hierarchy`): the option ``layers``, e.g. ``[100, 50]`` (bottom
+first, summing to ``latent_dim``), splits :math:`z` into layers; the ``hierarchical`` prior and the
+``bottom_up`` family need it, their networks between layers have ``layer_hidden_dims``, and with
+it set the decoder reads the bottom layer only (``First(layers[0])`` before the network), for any
+likelihood, prior and family.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
@@ -30,7 +37,8 @@ from ._checks import check_positive_int
 from .errors import ConfigError
 from .families import FLOW_TRANSFORMS, DiagonalNormal, Flow, FullRankNormal, LocalNormal
 from .likelihoods import Bernoulli, Categorical256, ContinuousBernoulli, Gaussian, Laplace
-from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, FactoredLogits
+from .hierarchy import BottomUp, Hierarchical
+from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder, FactoredLogits, First
 from .priors import LearnedNormal, MixtureOfGaussians, StandardNormal, VampPrior, flow_prior
 from .vae import VAE
 
@@ -58,6 +66,11 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "logit_rank": (32, "features per pixel of the categorical256 MLP decoder, mapped to the 256 "
                    "logits by a 1x1 layer shared by all pixels (FactoredLogits); 0 for a dense "
                    "output layer"),
+    "layers": (None, "sizes of the stochastic layers, bottom first, e.g. [100, 50] (summing to "
+               "latent_dim): needed by the hierarchical prior and the bottom_up family; the "
+               "decoder then reads the bottom layer"),
+    "layer_hidden_dims": ([100, 100], "hidden sizes of the networks between stochastic layers "
+                          "(p(z_l|z_l+1) and q(z_l+1|z_l))"),
 }
 
 
@@ -152,7 +165,27 @@ def _encoder(cfg: VAEConfig) -> nn.Module:
 
 
 def _decoder(cfg: VAEConfig, values_per_feature: int = 1) -> nn.Module:
-    return _lookup(NETWORKS, cfg.network, "network")[1](cfg, values_per_feature)
+    make = _lookup(NETWORKS, cfg.network, "network")[1]
+    return _reading_bottom(cfg, lambda c: make(c, values_per_feature))
+
+
+def _layers(cfg: VAEConfig, part: str | None = None) -> tuple[int, ...] | None:
+    """The ``layers`` option (``None`` if unset; a part that needs it raises if unset)."""
+    layers = _option(cfg, "layers")
+    if layers is None and part is not None:
+        raise ConfigError(
+            f"the {part} needs the sizes of its stochastic layers, bottom first, summing to "
+            f"latent_dim: option layers=[100, 50] (CLI: --layers 100 50)"
+        )
+    return None if layers is None else tuple(layers)
+
+
+def _reading_bottom(cfg: VAEConfig, build: Callable[[VAEConfig], nn.Module]) -> nn.Module:
+    """The decoder ``build`` makes, reading only the bottom layer of ``z`` when ``layers`` is set."""
+    layers = _layers(cfg)
+    if layers is None:
+        return build(cfg)
+    return nn.Sequential(First(layers[0]), build(replace(cfg, latent_dim=layers[0])))
 
 
 # ---------------------------------------------------------------------- priors
@@ -177,6 +210,11 @@ def _vamp(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     )
 
 
+def _hierarchical(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
+    return Hierarchical(_layers(cfg, "hierarchical prior"), tuple(_option(cfg, "layer_hidden_dims")),
+                        cfg.activation)
+
+
 def _flow_prior(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
     return flow_prior(
         cfg.latent_dim,
@@ -193,6 +231,12 @@ def _diagonal(cfg: VAEConfig, num_data: int) -> nn.Module:
 
 def _full_rank(cfg: VAEConfig, num_data: int) -> nn.Module:
     return FullRankNormal(_encoder(cfg), cfg.latent_dim, feature_dim=_feature_dim(cfg))
+
+
+def _bottom_up(cfg: VAEConfig, num_data: int) -> nn.Module:
+    return BottomUp(_encoder(cfg), _layers(cfg, "bottom_up family"),
+                    tuple(_option(cfg, "layer_hidden_dims")), cfg.activation,
+                    feature_dim=_feature_dim(cfg))
 
 
 def _local(cfg: VAEConfig, num_data: int) -> nn.Module:
@@ -245,11 +289,16 @@ def _categorical256(cfg: VAEConfig) -> nn.Module:
     if cfg.network != "mlp" or rank == 0:  # the conv decoder's output layer is already shared
         return Categorical256(_decoder(cfg, 256), num_levels=256)
     h = tuple(cfg.hidden_dims)
-    trunk = (
-        MLP(cfg.latent_dim, h[:-1], h[-1], cfg.activation, activate_output=True) if h else nn.Identity()
-    )
-    head = FactoredLogits(h[-1] if h else cfg.latent_dim, cfg.num_features, 256, rank)
-    return Categorical256(nn.Sequential(trunk, head), num_levels=256)
+
+    def build(c: VAEConfig) -> nn.Module:
+        trunk = (
+            MLP(c.latent_dim, h[:-1], h[-1], c.activation, activate_output=True) if h
+            else nn.Identity()
+        )
+        head = FactoredLogits(h[-1] if h else c.latent_dim, c.num_features, 256, rank)
+        return nn.Sequential(trunk, head)
+
+    return Categorical256(_reading_bottom(cfg, build), num_levels=256)
 
 
 #: Options that a saved config states even when they were left at their default (see
@@ -293,6 +342,7 @@ PRIORS: dict[str, Callable[..., nn.Module]] = {
     "mixture": _mixture,
     "vamp": _vamp,
     "flow": _flow_prior,
+    "hierarchical": _hierarchical,
 }
 #: name -> factory(config, num_data) for the variational family (with its encoder).
 FAMILIES: dict[str, Callable[..., nn.Module]] = {
@@ -300,6 +350,7 @@ FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "full_rank": _full_rank,
     **{kind: _flow(kind) for kind in FLOW_TRANSFORMS},
     "local": _local,
+    "bottom_up": _bottom_up,
 }
 #: name -> factory(config) for the likelihood (with its decoder).
 LIKELIHOODS: dict[str, Callable[..., nn.Module]] = {
@@ -348,6 +399,12 @@ def _check_option(name: str, value: Any) -> None:
         _positive_ints(value, "option flow_hidden_dims", allow_empty=False)
     elif name == "conv_channels":
         _positive_ints(value, "option conv_channels", allow_empty=False)
+    elif name == "layers" and value is not None:
+        if len(_positive_ints(value, "option layers", allow_empty=False)) < 2:
+            raise ConfigError(f"option layers needs two or more stochastic layers, bottom first, "
+                              f"e.g. [100, 50]; got {value!r}")
+    elif name == "layer_hidden_dims":
+        _positive_ints(value, "option layer_hidden_dims")
     elif name in ("flow_base", "flow_prior_kind"):
         choices = ("diagonal", "full_rank") if name == "flow_base" else (
             "affine_autoregressive", "spline_autoregressive")
@@ -386,6 +443,12 @@ def _check_config(config: VAEConfig) -> None:
         raise ConfigError(f"unknown option(s) {unknown}; known options are {sorted(OPTIONS)}")
     for name, value in config.options.items():
         _check_option(name, value)
+    layers = config.options.get("layers")
+    if layers is not None and sum(layers) != config.latent_dim:
+        raise ConfigError(
+            f"option layers={list(layers)} sums to {sum(layers)} but latent_dim is "
+            f"{config.latent_dim}; set latent_dim to the sum (the CLI's --layers does)"
+        )
     _lookup(NETWORKS, config.network, "network")
     _lookup(PRIORS, config.prior, "prior")
     _lookup(FAMILIES, config.family, "family")
