@@ -102,6 +102,24 @@ SETTINGS: dict[str, dict[str, Any]] = {
         "schedule": "burda-b100", "architecture": "burda",
         "other_libraries": [],
     },
+    "vae-dynamic-k1-2l": {
+        "dataset": "mnist", "loss": "elbo", "k": 1, "published": 85.33,
+        "source": "Burda et al. 2016, table 1 (VAE, k=1, 2 stochastic layers)",
+        "schedule": "burda-b100", "architecture": "burda-2l",
+        "other_libraries": [],
+    },
+    "iwae-dynamic-k5-2l": {
+        "dataset": "mnist", "loss": "iwae", "k": 5, "published": 83.89,
+        "source": "Burda et al. 2016, table 1 (IWAE, k=5, 2 stochastic layers)",
+        "schedule": "burda-b100", "architecture": "burda-2l",
+        "other_libraries": [],
+    },
+    "iwae-dynamic-k50-2l": {
+        "dataset": "mnist", "loss": "iwae", "k": 50, "published": 82.90,
+        "source": "Burda et al. 2016, table 1 (IWAE, k=50, 2 stochastic layers)",
+        "schedule": "burda-b100", "architecture": "burda-2l",
+        "other_libraries": [],
+    },
     "vae-static-k1": {
         "dataset": "binarized-mnist", "loss": "elbo", "k": 1, "published": 88.71,
         "source": "Burda et al. 2016, appendix (VAE, k=1, Larochelle & Murray's binarization)",
@@ -139,6 +157,13 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
               "text": "784-200-200-50 tanh"},
     "tomczak": {"latent_dim": 40, "hidden_dims": (300, 300), "activation": "tanh",
                 "text": "784-300-300-40 tanh (Tomczak & Welling: gated units)"},
+    # Burda et al. 2016, section 5: two deterministic layers of 200 units between x and z1 (100
+    # units), two of 100 units between z1 and z2 (50 units), tanh, mirrored in the decoder:
+    # p(z2) = N(0, I), p(z1|z2) by 50-100-100-(100), p(x|z1) by 100-200-200-784.
+    "burda-2l": {"latent_dim": 150, "hidden_dims": (200, 200), "activation": "tanh",
+                 "layers": [100, 50], "layer_hidden_dims": [100, 100],
+                 "text": "784-200-200-(z1: 100)-100-100-(z2: 50) tanh, mirrored decoder "
+                         "(pyrovae.Hierarchical prior, pyrovae.BottomUp family)"},
 }
 
 
@@ -155,12 +180,23 @@ SCHEDULES: dict[str, dict[str, Any]] = {
                    "stages": _burda_stages(),
                    "text": "Burda et al.'s epochs and learning rates (3^i epochs at "
                            "1e-3*10^(-i/7), i=0..7; 3,280 epochs) at minibatch 100, Adam eps 1e-4"},
+    "burda-exact": {"batch_size": 20, "eps": 1e-4, "kl_warmup_epochs": 0.0,
+                    "stages": _burda_stages(), "holdout": 400, "output_bias": "train-mean-logit",
+                    "text": "Burda et al.'s protocol as in their released code: 3^i epochs at "
+                            "1e-3*10^(-i/7), i=0..7 (3,280 epochs), minibatch 20, Adam eps 1e-4, "
+                            "the first 59,600 training digits (the last 400 held out, unused), "
+                            "the decoder's output bias initialised to the logit of the training "
+                            "digits' mean intensity (clipped to [0.001, 0.999])"},
     "tomczak": {"batch_size": 100, "eps": 1e-8, "kl_warmup_epochs": 100.0,
                 "stages": [(2000, 5e-4)],
                 "text": "Tomczak & Welling: lr 5e-4, minibatch 100, KL warm-up 100 epochs, "
                         "2,000 epochs (no early stopping)"},
     "smoke": {"batch_size": 100, "eps": 1e-4, "kl_warmup_epochs": 0.0, "stages": _burda_stages(1),
               "text": "smoke test: 1 + 3 epochs at 1e-3 and 1e-3*10^(-1/7), minibatch 100"},
+    "smoke-exact": {"batch_size": 20, "eps": 1e-4, "kl_warmup_epochs": 0.0,
+                    "stages": _burda_stages(0), "holdout": 40, "output_bias": "train-mean-logit",
+                    "text": "smoke test of burda-exact: 1 epoch at 1e-3, minibatch 20, 40 digits "
+                            "held out, output bias at the logit of the training mean"},
 }
 
 
@@ -309,10 +345,44 @@ def make_config(spec: dict[str, Any], num_features: int) -> Any:
 
     arch = ARCHITECTURES[spec["architecture"]]
     prior = "vamp" if spec["architecture"] == "tomczak" else "standard"
-    options = {"num_pseudo_inputs": 500} if prior == "vamp" else {}
+    family = "diagonal"
+    options: dict[str, Any] = {"num_pseudo_inputs": 500} if prior == "vamp" else {}
+    if "layers" in arch:  # stochastic layers: the hierarchical prior and the bottom-up family
+        prior, family = "hierarchical", "bottom_up"
+        options = {"layers": list(arch["layers"]),
+                   "layer_hidden_dims": list(arch["layer_hidden_dims"])}
     return VAEConfig(num_features, latent_dim=arch["latent_dim"], hidden_dims=arch["hidden_dims"],
-                     activation=arch["activation"], prior=prior, family="diagonal",
+                     activation=arch["activation"], prior=prior, family=family,
                      likelihood="bernoulli", options=options)
+
+
+def protocol_data(train: Any, schedule: dict[str, Any]) -> Any:
+    """The training digits a schedule uses: all of them, or (``holdout``, Burda et al.'s
+    protocol) the first ``N - holdout``, the last ``holdout`` held out."""
+    holdout = schedule.get("holdout")
+    if not holdout:
+        return train
+    if holdout >= len(train):
+        raise BenchmarkError(f"the schedule holds out {holdout} digits but the data set has "
+                             f"only {len(train)}")
+    return train.subset(len(train) - holdout)
+
+
+def output_bias_logits(train: Any) -> torch.Tensor:
+    r"""Burda et al.'s initial decoder output bias: :math:`\mathrm{logit}(\bar x)` of the
+    training digits' mean intensity per pixel, clipped to [0.001, 0.999] (their released code),
+    shape ``(num_features,)``."""
+    mean = train.images.double().mean(0).clamp(0.001, 0.999)
+    return torch.logit(mean).float()
+
+
+def init_output_bias(vae: Any, bias: torch.Tensor) -> None:
+    """Set the bias of the decoder's last linear layer (its logits) to ``bias``."""
+    last = [m for m in vae.likelihood.decoder.modules() if isinstance(m, torch.nn.Linear)][-1]
+    if last.bias is None or last.bias.shape != bias.shape:
+        raise BenchmarkError(f"the decoder's last layer has no bias of shape {tuple(bias.shape)}")
+    with torch.no_grad():
+        last.bias.copy_(bias.to(last.bias))
 
 
 def make_loss(setting: str, spec: dict[str, Any]) -> Any:
@@ -759,6 +829,8 @@ def run(args: argparse.Namespace) -> None:
     schedule = SCHEDULES[schedule_name]
     loss = None if args.evaluate_now else make_loss(args.setting, spec)  # refuse IWAE early
     train, test, dataset = load_data(args, spec)
+    train = protocol_data(train, schedule)
+    bias = output_bias_logits(train) if schedule.get("output_bias") else None
     if meta.get("dataset") not in (None, dataset):
         raise BenchmarkError(
             f"{run_dir} was trained on {meta['dataset']}; pass --dataset {meta['dataset']} or "
@@ -847,6 +919,8 @@ def run(args: argparse.Namespace) -> None:
         pyro.clear_param_store()
         vae = build_vae(make_config(spec, train.num_features), num_data=len(train))
         resume = (run_dir / "checkpoint.pt").is_file()
+        if bias is not None and not resume:  # a resumed run's checkpoint holds its own
+            init_output_bias(vae, bias)
 
         def log(epoch: int, h: Any, stage: int = stage, lr: float = lr) -> None:
             print(f"  [{args.setting}] epoch {epoch:4d}/{total} stage {stage} lr {lr:.2e} "
