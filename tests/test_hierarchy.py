@@ -183,6 +183,10 @@ def test_prior_log_prob_is_the_joint_gaussian(model):
     torch.testing.assert_close(d.expand((5,)).log_prob(z), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(d.log_prob(z), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(p.log_prob(z), expected, rtol=1e-10, atol=1e-10)  # closed form
+    # one value against a batch: broadcast to the batch shape, as torch distributions do
+    one = d.expand((4,)).log_prob(z[0, 0])
+    assert one.shape == (4,)
+    torch.testing.assert_close(one, expected[0, 0].expand(4), rtol=1e-10, atol=1e-10)
     terms = d.layer_log_probs(z)  # log p(z1|z2) + log p(z2)
     torch.testing.assert_close(terms[1], dist.Normal(0.0, 1.0).log_prob(z[..., 3:]).sum(-1))
     torch.testing.assert_close(terms[0] + terms[1], expected)
@@ -286,6 +290,15 @@ def test_kl_per_layer_sums_to_the_closed_form_kl(model):
     result = kl_per_layer(vae, x, num_samples=4000, seed=0)
     assert result.layer_dims == (3, 2) and len(result.means) == 2
     assert abs(result.total - float(truth.mean())) < 0.05, (result, float(truth.mean()))
+    # the top layer alone: E_q[log q(z2|z1)] = -H (constant scales), E_q[log p(z2)] from q's
+    # moments of z2; the bottom layer is the rest
+    v2 = model.q_params[4]
+    q = model.q_joint(x)
+    mu2, cov22 = q.mean[:, 3:], q.covariance_matrix[:, 3:, 3:]
+    top = (-0.5 * torch.log(2 * math.pi * math.e * v2).sum()
+           + 0.5 * (mu2.square().sum(-1) + torch.diagonal(cov22, dim1=-2, dim2=-1).sum(-1))
+           + 0.5 * model.d2 * math.log(2 * math.pi))
+    assert abs(result.means[1] - float(top.mean())) < 0.03, (result.means, float(top.mean()))
     assert all(m > 0 for m in result.means)  # both layers carry information here
     # a diagonal family and a standard normal prior split by dimensions
     torch.manual_seed(0)
