@@ -20,6 +20,7 @@ __all__ = [
     "PyrovaeWarning",
     "ImportanceSamplingWarning",
     "NumericalWarning",
+    "FastPathWarning",
 ]
 
 
@@ -58,6 +59,13 @@ class ImportanceSamplingWarning(PyrovaeWarning):
 
 class NumericalWarning(PyrovaeWarning):
     """A training step had a NaN or infinite loss or gradient and its update was skipped."""
+
+
+class FastPathWarning(PyrovaeWarning):
+    """pyrovae evaluates a VAE's program through Pyro's tracing, not its faster direct evaluation,
+    because the program is not the one the direct evaluation computes (a ``pyro.factor``, an extra
+    site, a rewritten ``model``) or the direct evaluation did not equal Pyro's on it. The numbers
+    are Pyro's either way; only the speed differs. Issued once per program."""
 
 
 class Preempted(TrainingError):

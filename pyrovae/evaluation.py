@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, TypeAlias
 if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
     from .vae import VAE
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -266,6 +267,16 @@ def _scored(site: dict) -> bool:
     )
 
 
+def _is_factor(site: dict) -> bool:
+    """A ``pyro.factor`` statement (an observed auxiliary sample site): a term of Pyro's ELBO."""
+    return (
+        site["type"] == "sample"
+        and bool(site["is_observed"])
+        and bool(site["infer"].get("is_auxiliary"))
+        and not site_is_subsample(site)
+    )
+
+
 def _vectorized_frames(site: dict) -> list[Any]:
     return [f for f in site["cond_indep_stack"] if f.vectorized and f.name != _PARTICLES]
 
@@ -308,7 +319,10 @@ class Program:
         self.observed: list[str] = []
         self.particle_dim = -2
         self.row_bytes = 0
-        self._compiled_weights: Callable[..., Any] | None = None
+        self.factors: list[str] = []
+        self.guide_factors: list[str] = []
+        self.compile_requested = False
+        self._fast: Callable[..., Any] | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -435,6 +449,21 @@ class Program:
         sites = [(n, s) for n, s in model_trace.nodes.items() if _scored(s)]
         self.observed = [n for n, s in sites if s["is_observed"]]
         self.latent = [n for n, s in sites if not s["is_observed"]]
+        # pyro.factor statements: part of log p(x, z) (model) or of log q (guide), as in
+        # Pyro's ELBO.
+        self.factors = [n for n, s in model_trace.nodes.items() if _is_factor(s)]
+        self.guide_factors = [] if guide_trace is None else [
+            n for n, s in guide_trace.nodes.items() if _is_factor(s)
+        ]
+        if guide_trace is not None:
+            extra = [n for n, s in guide_trace.nodes.items()
+                     if _scored(s) and not s["is_observed"] and n not in self.latent]
+            if extra:
+                raise ConfigError(
+                    f"the guide samples {extra[0]!r}, which the model does not: an importance "
+                    "weight p(x, z) / q(z | x) needs the guide's latent sites to be the model's; "
+                    "remove it from the guide or add it to the model"
+                )
         if not self.observed:
             raise ConfigError("the model has no observed site (pyro.sample(..., obs=x)); nothing to score")
         if not self.latent:
@@ -492,7 +521,38 @@ class Program:
         }
         self.latent_supports = {n: model_trace.nodes[n]["fn"].support for n in self.latent}
         self.analyzed = True
+        self._prove_fast_path(x, idx, need_guide)
         return self
+
+    def _prove_fast_path(self, x: torch.Tensor, idx: torch.Tensor, need_guide: bool) -> None:
+        """Use :func:`pyrovae.fastpath.log_weights` where :func:`pyrovae.fastpath.verify_weights`
+        proves it equal to the traced weights on this VAE's public program; compile it if asked,
+        and refuse ``compile=True`` in one line where it does not apply."""
+        from . import fastpath
+
+        vae = self.vae
+        verdict = None
+        if vae is not None and need_guide and self.model == vae.model and self.guide == vae.guide:
+            verdict = fastpath.verify_weights(
+                vae, x, idx, lambda x_, i_, k: self.log_weights(x_, i_, k, traced=True)
+            )
+        if verdict is None or not verdict.fast:
+            self._fast = None
+            if self.compile_requested:
+                why = f" ({verdict.reason})" if verdict is not None and verdict.reason else ""
+                raise ConfigError(
+                    "compile=True compiles a pyrovae.VAE's own importance weights; this program "
+                    f"runs through Pyro's tracing{why} (a (model, guide) pair, or a VAE whose "
+                    "program has other sites), which torch.compile does not take: estimate "
+                    "without compile=True (--compile)"
+                )
+            return
+        direct = functools.partial(fastpath.log_weights, vae)
+        if self.compile_requested:
+            direct = compile_direct(
+                direct, "the importance weights", "estimate without compile=True (--compile)"
+            )
+        self._fast = direct
 
     def _per_datapoint(self, lp: torch.Tensor, num_samples: int, batch: int) -> torch.Tensor:
         """Sum a site's log-density over every dim but the particle and data dims: ``(K, B)``."""
@@ -509,65 +569,65 @@ class Program:
         return lp.expand(num_samples, batch)
 
     def site_log_prob(self, site: dict, num_samples: int, batch: int) -> torch.Tensor:
-        return self._per_datapoint(site["fn"].log_prob(site["value"]), num_samples, batch)
+        r"""A site's log-density per draw and datapoint, ``(K, B)``, as Pyro's ELBO counts it:
+        times the site's scale and mask, with the data plate's subsample scale :math:`N/B`
+        divided out (it must never leak into a per-datapoint weight)."""
+        lp = site["fn"].log_prob(site["value"])
+        scale = site["scale"]
+        for f in site["cond_indep_stack"]:
+            if f.name == self.data_plate and f.full_size:
+                scale = scale / (f.full_size / f.size)
+        if site["mask"] is not None:
+            lp = torch.where(site["mask"], lp, lp.new_zeros(()))
+        if not (isinstance(scale, (int, float)) and scale == 1.0):
+            lp = lp * scale
+        return self._per_datapoint(lp, num_samples, batch)
 
     # ------------------------------------------------------------------ weights
-    def untraced(self) -> Callable[..., Any] | None:
-        """:meth:`VAE.importance_log_weights <pyrovae.VAE.importance_log_weights>` where this
-        program is exactly a VAE's own model and guide (the same weights, the same draws,
-        without Pyro's tracing), else ``None``."""
-        vae = self.vae
-        if vae is None or not hasattr(vae, "importance_log_weights"):
-            return None
-        if self.model != vae.model or self.guide != vae.guide or not vae.runs_own_program():
-            return None
-        return vae.importance_log_weights
+    @property
+    def fast(self) -> bool:
+        """Whether :meth:`log_weights` runs :func:`pyrovae.fastpath.log_weights` (proven equal
+        to the traced weights on this program when it was analyzed)."""
+        return self._fast is not None
 
     def compile(self, compile: Any = True) -> Program:
-        """Evaluate :meth:`log_weights` with the VAE's :meth:`untraced` weights compiled by
-        ``torch.compile`` (same draws as eager torch, same values to float rounding); a program
-        that runs Pyro's tracing is refused with :class:`ConfigError`. ``compile=False`` is a
+        """Evaluate :meth:`log_weights` through ``torch.compile`` where the fast path is proven
+        (same draws as eager torch, same values to float rounding); a program that runs Pyro's
+        tracing is refused with :class:`ConfigError` when it is analyzed. ``compile=False`` is a
         no-op, so estimators pass their argument straight through."""
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be True or False, got {compile!r}")
-        if not compile:
-            return self
-        direct = self.untraced()
-        if direct is None:
-            raise ConfigError(
-                "compile=True compiles a pyrovae.VAE's own importance weights "
-                "(VAE.importance_log_weights); this program runs through Pyro's tracing (a "
-                "(model, guide) pair, or a VAE whose model or guide was replaced), which "
-                "torch.compile does not take: estimate without compile=True (--compile)"
-            )
-        self._compiled_weights = compile_direct(
-            direct, "the importance weights", "estimate without compile=True (--compile)"
-        )
+        if compile:
+            self.compile_requested = True
+            self.analyzed = False  # prove (and compile) at the next analysis
         return self
 
     def log_weights(
         self, x: torch.Tensor, idx: torch.Tensor, num_samples: int, traced: bool = False
     ) -> torch.Tensor:
         r"""Log importance weights :math:`w_k`, shape ``(num_samples, batch)``: the guide traced
-        under a particle plate, the model replayed against it, unscaled log-densities summed
-        per datapoint (model sites minus guide sites). A VAE's own program is evaluated without
-        the tracing (:meth:`untraced`; equal to the bit) unless ``traced``."""
-        direct = None if traced else (self._compiled_weights or self.untraced())
-        if direct is not None:
-            return direct(x, idx, num_samples)
+        under a particle plate, the model replayed against it, and every site's log-density
+        (sample and ``pyro.factor`` sites, with their own scales and masks, the data plate's
+        subsample scale divided out) summed per datapoint: the model's minus the guide's. Where
+        :mod:`pyrovae.fastpath` proved its direct weights equal on this program, those run
+        instead (unless ``traced``)."""
+        if not traced and self._fast is not None:
+            return self._fast(x, idx, num_samples)
         guide_trace, model_trace = self._traces(x, idx, num_samples)
         batch = int(x.shape[0])
         w = _zeros(x, num_samples, batch)
         for name, site in model_trace.nodes.items():
-            if _scored(site):
+            if _scored(site) or _is_factor(site):
                 w = w + self.site_log_prob(site, num_samples, batch)
-                if not site["is_observed"]:
+                if _scored(site) and not site["is_observed"]:
                     g = guide_trace.nodes.get(name)
                     if g is None:
                         raise ConfigError(
                             f"latent site {name!r} of the model has no counterpart in the guide"
                         )
                     w = w - self.site_log_prob(g, num_samples, batch)
+        for name in self.guide_factors:
+            w = w - self.site_log_prob(guide_trace.nodes[name], num_samples, batch)
         return w
 
     def log_densities(
@@ -585,16 +645,16 @@ class Program:
         prior = _zeros(x, num_samples, batch)
         lik = _zeros(x, num_samples, batch)
         for name, site in model_trace.nodes.items():
-            if _scored(site):
+            if _scored(site) or _is_factor(site):
                 lp = self.site_log_prob(site, num_samples, batch)
                 if name in self.latent:
                     prior = prior + lp
-                else:
+                else:  # observed sites and factors: annealed with the likelihood
                     lik = lik + lp
         q = None
         if with_guide:
             q = _zeros(x, num_samples, batch)
-            for name in self.latent:
+            for name in self.latent + self.guide_factors:
                 q = q + self.site_log_prob(guide_trace.nodes[name], num_samples, batch)
         return prior, lik, q
 

@@ -45,7 +45,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -58,8 +58,8 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int, to_device
-from ._compile import compile_direct
 from .errors import Preempted, CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
+from .fastpath import TrainingLoss
 from .importance import elbo as elbo_estimate
 
 __all__ = [
@@ -140,22 +140,23 @@ class History:
 # ------------------------------------------------------------------------------------ objective
 @dataclass(frozen=True)
 class Objective:
-    r"""What a step minimizes: a Pyro loss of the VAE's model and guide, and the KL weight.
+    r"""What a step minimizes: a Pyro loss of the VAE's public ``model`` and ``guide``, and the
+    KL weight.
 
     The weight at a point of training, with ``progress`` counted in epochs (this step included),
     is :math:`w = \beta \min(1, \text{progress} / E_\text{warm-up})`, or :math:`\beta` without
     warm-up (Sønderby et al. 2016). Build one with :func:`objective`.
 
     :ivar loss: the Pyro loss (``Trace_ELBO()``, :class:`pyrovae.losses.IWAE`, ...).
-    :ivar model, guide: the Pyro program the loss runs. They register the parameters as Pyro
-        ``param`` sites only for losses that find what to differentiate through them (those
-        without ``differentiable_loss``, and the JIT ones); the optimizer holds the parameters.
+    :ivar model, guide: the Pyro program the loss runs: the VAE's public ``model`` and ``guide``
+        (a subclass's or an instance's own, with every Pyro statement in them).
     :ivar beta: the KL weight after warm-up.
     :ivar kl_warmup_epochs: epochs of linear warm-up, 0 for none.
     :ivar name: what the loss estimates, for :attr:`History.objective`.
-    :ivar direct: for the default ``Trace_ELBO()`` (one particle) on a :class:`~pyrovae.VAE`
-        that runs its own program, :meth:`~pyrovae.VAE.trace_elbo_loss`: the same loss and
-        gradient evaluated from the parts' distributions without Pyro's tracing; else ``None``.
+    :ivar differentiable: for a loss with ``differentiable_loss``, the
+        :class:`~pyrovae.fastpath.TrainingLoss` that evaluates it (Pyro's evaluation, or the
+        direct one where :mod:`pyrovae.fastpath` proves it equal on this program); ``None`` for a
+        loss that backpropagates itself (``loss_and_grads``, e.g. ``RenyiELBO``).
     """
 
     loss: Any
@@ -164,7 +165,16 @@ class Objective:
     beta: float = 1.0
     kl_warmup_epochs: float = 0.0
     name: str = "elbo"
-    direct: Callable[..., Any] | None = None
+    differentiable: TrainingLoss | None = None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether some step has a KL weight other than 1 (then the programs get ``kl_weight``;
+        otherwise they are called as ``model(x, idx)``)."""
+        return self.beta != 1.0 or bool(self.kl_warmup_epochs)
+
+    def kwargs(self, kl_weight: float) -> dict[str, float]:
+        return {"kl_weight": kl_weight} if self.weighted else {}
 
     def kl_weight(self, progress: float) -> float:
         """The KL weight after ``progress`` epochs (> 0: a zero scale is refused by Pyro)."""
@@ -210,16 +220,18 @@ def _set_plate_nesting(loss: Any, data_plates: int) -> None:
 
 
 def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs: float = 0.0,
-              traced: bool = False) -> Objective:
+              traced: bool = False, compile: bool = False) -> Objective:
     """The :class:`Objective` for training ``vae`` with ``loss`` (default ``Trace_ELBO()``).
+
+    The loss runs on the VAE's public ``model`` and ``guide``: Pyro's evaluation defines it.
+    For Pyro's ``Trace_ELBO()`` with one particle, :mod:`pyrovae.fastpath` evaluates the same
+    loss without the tracing where it proves, on the first minibatch, that it equals Pyro's on
+    this program; ``traced=True`` always runs Pyro's. ``compile=True`` compiles that direct loss
+    (refused at the first minibatch where it does not apply).
 
     A vectorized loss whose ``max_plate_nesting`` is unset gets the VAE's (one ``"data"`` plate,
     plus one for the vectorized particles), so Pyro need not guess it by running the model,
     which would draw from the global RNG at the first step.
-
-    With ``Trace_ELBO()`` (one particle) on a :class:`~pyrovae.VAE` running its own program, the
-    step evaluates the same loss without Pyro's tracing (:meth:`~pyrovae.VAE.trace_elbo_loss`;
-    same value, gradient and draws); ``traced=True`` runs Pyro's ``Trace_ELBO`` instead.
     """
     if loss is None:
         loss = Trace_ELBO()
@@ -232,45 +244,22 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
             "a JIT loss compiles the KL weight as a constant, so KL warm-up would recompile it at "
             "every step; use Trace_ELBO() (or no warm-up) with kl_warmup_epochs"
         )
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r}")
     _set_plate_nesting(loss, getattr(vae, "max_plate_nesting", 1))
-    # Trace_ELBO-like losses differentiate a tensor built from the module's own parameters; the
-    # rest look for "param" sites (RenyiELBO's loss_and_grads, the JIT's parameter capture). A
-    # loss may declare which it is (pyrovae.losses: ``needs_param_sites``).
-    registers = getattr(loss, "needs_param_sites", None)
-    if registers is None:
-        registers = _is_jit(loss) or not hasattr(loss, "differentiable_loss")
-    model, guide = (vae.model, vae.guide) if registers else (vae._model, vae._guide)
-    direct = vae.trace_elbo_loss if traced is False and _direct_applies(vae, loss) else None
-    return Objective(loss, model, guide, float(beta), float(kl_warmup_epochs),
-                     _objective_name(loss, float(beta), float(kl_warmup_epochs)), direct)
-
-
-def _compiled(obj: Objective) -> Objective:
-    """``obj`` with its direct loss (:meth:`VAE.trace_elbo_loss`) compiled by ``torch.compile``.
-    Random draws fall back to eager torch (inductor's ``fallback_random``), so the compiled loss
-    consumes the RNG as the eager one does: same draws, exact resumes."""
-    if obj.direct is None:
+    beta, kl_warmup_epochs = float(beta), float(kl_warmup_epochs)
+    weighted = beta != 1.0 or bool(kl_warmup_epochs)
+    differentiable = None
+    if hasattr(loss, "differentiable_loss"):
+        differentiable = TrainingLoss(vae, loss, weighted=weighted, fast=not traced, compile=compile)
+    elif compile:
         raise ConfigError(
-            f"compile=True compiles the default loss (Trace_ELBO() with one particle, on a VAE "
-            f"running its own program); this objective ({obj.name}, {type(obj.loss).__name__}) "
-            "runs through Pyro's tracing, which torch.compile does not take: train without "
-            "compile=True (--compile)"
+            f"compile=True compiles the default loss (Trace_ELBO() with one particle); "
+            f"{type(loss).__name__} runs through Pyro's tracing, which torch.compile does not "
+            "take: train without compile=True (--compile)"
         )
-    direct = compile_direct(obj.direct, "the loss", "train without compile=True (--compile)")
-    return replace(obj, direct=direct)
-
-
-def _direct_applies(vae: Any, loss: Any) -> bool:
-    """Whether ``loss`` on ``vae`` is exactly what :meth:`VAE.trace_elbo_loss` evaluates: Pyro's
-    own ``Trace_ELBO`` (not a subclass) with one particle, on a VAE running its own program."""
-    from .vae import VAE
-
-    return (
-        type(loss) is Trace_ELBO
-        and loss.num_particles == 1
-        and isinstance(vae, VAE)
-        and vae.runs_own_program()
-    )
+    return Objective(loss, vae.model, vae.guide, beta, kl_warmup_epochs,
+                     _objective_name(loss, beta, kl_warmup_epochs), differentiable)
 
 
 # ---------------------------------------------------------------------------------- train state
@@ -530,18 +519,14 @@ def train_step(
     loss = objective.loss
     if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
         value = torch.zeros((), dtype=torch.float64, device=device)
-    elif hasattr(loss, "differentiable_loss"):
-        value_t = None
-        if objective.direct is not None:  # Trace_ELBO's loss without the tracing
-            value_t = objective.direct(x, idx, kl_weight=kl_weight)
-        if value_t is None:
-            value_t = loss.differentiable_loss(objective.model, objective.guide, x, idx,
-                                               kl_weight=kl_weight)
+    elif objective.differentiable is not None:  # Pyro's loss, or its proven direct evaluation
+        value_t = objective.differentiable(x, idx, kl_weight)
         value_t.backward()
         value = value_t.detach().to(torch.float64)
     else:  # e.g. RenyiELBO: backpropagates inside (and returns a float, read on the host)
         value = torch.tensor(
-            loss.loss_and_grads(objective.model, objective.guide, x, idx, kl_weight=kl_weight),
+            loss.loss_and_grads(objective.model, objective.guide, x, idx,
+                                **objective.kwargs(kl_weight)),
             dtype=torch.float64, device=device,
         )
     if group is not None:
@@ -871,14 +856,10 @@ def fit(
     elif checkpoint_every_steps is not None:
         raise ConfigError("checkpoint_every_steps needs checkpoint_dir=<run folder>")
     if not isinstance(vae, torch.nn.Module) or not all(
-        hasattr(vae, a) for a in ("model", "guide", "_model", "_guide", "check_data")
+        hasattr(vae, a) for a in ("model", "guide", "check_data")
     ):
         raise ConfigError(f"vae must be a pyrovae.VAE, got {type(vae).__name__}")
-    obj = objective(vae, loss, beta=beta, kl_warmup_epochs=kl_warmup_epochs)
-    if not isinstance(compile, bool):
-        raise ConfigError(f"compile must be True or False, got {compile!r}")
-    if compile:
-        obj = _compiled(obj)
+    obj = objective(vae, loss, beta=beta, kl_warmup_epochs=kl_warmup_epochs, compile=compile)
     num_data = getattr(vae, "num_data", None)
     train_set = as_dataset(train, "train")
     if num_data != len(train_set):
@@ -987,6 +968,13 @@ def fit(
             f"minibatch {state.batch}){where}; continue with fit(..., resume={str(ckpt_dir)!r})",
             ckpt_dir / "checkpoint.pt" if ckpt_dir else None,
         )
+
+    if obj.differentiable is not None:
+        # Prove (or not) the direct loss on this program before training, drawing nothing from
+        # the run's RNGs; with compile=True, refuse here where it does not apply.
+        x0, idx0 = _gather(train_set, torch.arange(min(batch_size, n)), device)
+        vae.train()
+        obj.differentiable.prepare(x0, idx0, obj.kl_weight(1.0 / steps_per_epoch))
 
     # The host reads the device's step flags every `sync_every` steps (at once on a CPU, where
     # that costs nothing), and before every checkpoint and epoch end.

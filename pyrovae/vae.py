@@ -2,7 +2,6 @@ r"""The :class:`VAE`: a prior, a variational family and a likelihood as one Pyro
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from typing import Any
 
@@ -95,7 +94,8 @@ class VAE(PyroModule):
         r"""The generative model: ``z ~ prior``, ``x ~ likelihood(z)`` in plate ``"data"``.
 
         Registers the parameters as Pyro ``param`` sites (``pyro.module``), so that plain
-        ``pyro.infer.SVI`` finds them; :meth:`_model` is the same program without that.
+        ``pyro.infer.SVI`` finds them. This program (or a subclass's rewrite of it) is what
+        :func:`pyrovae.fit` trains and every estimator scores (see :mod:`pyrovae.fastpath`).
 
         :param x: observed batch, shape ``(batch, num_features)``.
         :param idx: the batch's indices in the training set, shape ``(batch,)`` (default:
@@ -106,11 +106,6 @@ class VAE(PyroModule):
         :returns: the latent sample ``z``, shape ``(batch, latent_dim)``.
         """
         pyro.module(self._param_name, self)
-        return self._model(x, idx, kl_weight=kl_weight)
-
-    def _model(
-        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
-    ) -> torch.Tensor:
         data = self._plate(x, idx)
         with data, poutine.scale(scale=kl_weight):
             z = pyro.sample("z", self.prior())
@@ -129,102 +124,8 @@ class VAE(PyroModule):
         :returns: the latent sample ``z``, shape ``(batch, latent_dim)``.
         """
         pyro.module(self._param_name, self)
-        return self._guide(x, idx, kl_weight=kl_weight)
-
-    def _guide(
-        self, x: torch.Tensor, idx: torch.Tensor | None = None, *, kl_weight: float = 1.0
-    ) -> torch.Tensor:
         with self._plate(x, idx) as i, poutine.scale(scale=kl_weight):
             return pyro.sample("z", self.family(x, i))
-
-    # ------------------------------------------------------------------ the ELBO without tracing
-    def runs_own_program(self) -> bool:
-        """Whether :meth:`model` and :meth:`guide` are the VAE's own (a subclass or an instance
-        that rewrites them, e.g. to add a site, has a program only Pyro's tracing evaluates)."""
-        names = ("model", "_model", "guide", "_guide", "_plate")
-        cls = type(self)
-        return all(getattr(cls, n) is getattr(VAE, n) for n in names) and not any(
-            n in vars(self) for n in names
-        )
-
-    def trace_elbo_loss(
-        self, x: torch.Tensor, idx: torch.Tensor, *, kl_weight: float = 1.0
-    ) -> torch.Tensor | None:
-        r"""The loss that ``Trace_ELBO().differentiable_loss(vae._model, vae._guide, x, idx,
-        kl_weight=w)`` computes, evaluated straight from the parts.
-
-        With :math:`s = N/B` (the data plate's subsample scale) and one draw
-        :math:`z_i \sim q(z \mid x_i)` per row (the same single ``rsample`` the guide makes, so
-        the same draw for the same RNG state):
-
-        .. math::
-
-            \hat{\mathcal L} = -\Big(s\,w \sum_i \log p(z_i) + s \sum_i \log p(x_i \mid z_i)
-            - s\,w \sum_i \log q(z_i \mid x_i)\Big),
-
-        the value and the gradient of Pyro's one-particle ``Trace_ELBO`` for this program (its
-        ``"z"`` site scaled by :math:`s\,w`, its ``"x"`` site by :math:`s`), without running
-        Pyro's tracing: :func:`pyrovae.fit` uses it for the default loss, where tracing is
-        about a quarter of a small model's forward pass.
-
-        Each part's log-density comes from its closed form where the part has one (a family's
-        ``rsample_and_log_prob``, a prior's or a likelihood's ``log_prob``; see the contracts in
-        :mod:`pyrovae.families`, :mod:`pyrovae.priors`, :mod:`pyrovae.likelihoods`), else from
-        its distribution, broadcast over the plate as Pyro does. The closed forms skip building
-        ``torch.distributions`` objects, about 0.4 ms of fixed cost per training step; they
-        give ``Trace_ELBO``'s value and gradients to float rounding. A test checks value and
-        gradients against ``Trace_ELBO`` for every prior x family x likelihood, in float64.
-
-        :returns: the loss (a scalar), or ``None`` if this family's :math:`q(z \mid x)` has no
-            reparameterized sampler (``Trace_ELBO`` would add a score-function term).
-        """
-        # Pyro's order: the guide's draw, the model's prior and decoder, then the log-densities
-        # (model sites, then the guide's); a distribution is broadcast over the plate (expand),
-        # as the plate does.
-        batch = torch.Size((x.shape[0],))
-        draw = _closed_form(self.family, "rsample_and_log_prob", 2,
-                            ("forward", "distribution_from_params"))
-        if draw is not None:
-            z, log_q = draw(x, idx)
-        else:
-            q = self.family(x, idx).expand(batch)
-            if not q.has_rsample:
-                return None
-            z = q.rsample()
-            log_q = None
-        prior_log_prob = _closed_form(self.prior, "log_prob", 1, ("forward",))
-        log_pz = prior_log_prob(z) if prior_log_prob is not None else (
-            self.prior().expand(batch).log_prob(z)
-        )
-        likelihood_log_prob = _closed_form(self.likelihood, "log_prob", 2, ("forward",))
-        log_px = likelihood_log_prob(x, z) if likelihood_log_prob is not None else (
-            self.likelihood(z).expand(batch).log_prob(x)
-        )
-        if log_q is None:
-            log_q = q.log_prob(z)
-        # Per row log p(x|z) + w (log p(z) - log q(z|x)), summed, times -N/B: four small ops
-        # (Pyro scales and sums each site apart, nine).
-        kl = log_pz - log_q
-        per_row = log_px + (kl if kl_weight == 1.0 else kl_weight * kl)
-        return per_row.sum() * (-self.num_data / x.shape[0])
-
-    def importance_log_weights(
-        self, x: torch.Tensor, idx: torch.Tensor, num_samples: int
-    ) -> torch.Tensor:
-        r"""Log importance weights :math:`w_k = \log p(x, z_k) - \log q(z_k \mid x)`, ``z_k ~
-        q(z|x)``, shape ``(num_samples, batch)``: what the estimators compute by tracing the
-        guide under a particle plate and replaying the model against it, straight from the
-        parts' distributions (each broadcast to ``(num_samples, batch)`` as the two plates
-        broadcast it; the same draw for the same RNG state; unscaled log-densities summed in the
-        traced order, so the weights agree to the bit, as a test checks for every combination).
-        """
-        batch = torch.Size((num_samples, x.shape[0]))
-        q = self.family(x, idx).expand(batch)
-        z = q.rsample() if q.has_rsample else q.sample()
-        pz = self.prior().expand(batch)
-        px = self.likelihood(z).expand(batch)
-        w = torch.zeros(batch, dtype=x.dtype, device=x.device)
-        return w + pz.log_prob(z) - q.log_prob(z) + px.log_prob(x)
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -328,52 +229,6 @@ class VAE(PyroModule):
 
     def extra_repr(self) -> str:
         return f"num_data={self.num_data}, latent_dim={self.latent_dim}"
-
-
-#: (class, method, arguments, the methods it stands in for) -> whether it applies (a class's
-#: methods are not expected to change at run time).
-_CLOSED_FORMS: dict[tuple[type, str, int, tuple[str, ...]], bool] = {}
-
-
-def _defines_closed_form(cls: type, name: str, arity: int, stands_in_for: tuple[str, ...]) -> bool:
-    """Whether class ``cls`` has a method ``name`` taking ``arity`` positional arguments,
-    defined by the class that defines each of ``stands_in_for`` or by a subclass of it (so a
-    subclass that overrides ``forward`` does not inherit a closed form of its parent's
-    distribution, and a method of that name with another signature is not mistaken for one).
-    Memoized in a plain dict, which ``torch.compile`` traces (it warns about
-    ``functools.lru_cache``)."""
-    key = (cls, name, arity, stands_in_for)
-    found = _CLOSED_FORMS.get(key)
-    if found is None:
-        found = _CLOSED_FORMS[key] = _find_closed_form(cls, name, arity, stands_in_for)
-    return found
-
-
-def _find_closed_form(cls: type, name: str, arity: int, stands_in_for: tuple[str, ...]) -> bool:
-    def owner(attr: str) -> type | None:
-        return next((c for c in cls.__mro__ if attr in vars(c)), None)
-
-    own = owner(name)
-    method = getattr(cls, name, None)
-    if own is None or not inspect.isfunction(method):
-        return False
-    try:
-        inspect.signature(method).bind(*([None] * (arity + 1)))  # self and the arguments
-    except TypeError:
-        return False
-    return all((o := owner(a)) is None or issubclass(own, o) for a in stands_in_for)
-
-
-def _closed_form(part: nn.Module, name: str, arity: int, stands_in_for: tuple[str, ...]) -> Any:
-    """``part``'s closed-form method ``name`` (bound), or ``None`` where the part has none, or
-    where the method might not match the part's distribution (see :func:`_defines_closed_form`;
-    an instance attribute overriding any of the methods also disables it)."""
-    if not _defines_closed_form(type(part), name, arity, stands_in_for):
-        return None
-    attrs = vars(part)
-    if name in attrs or any(a in attrs for a in stands_in_for):
-        return None
-    return getattr(part, name)
 
 
 def _mean_or_sample(d: Any, mean: bool) -> torch.Tensor:
