@@ -20,17 +20,17 @@ The families shipped here also split that call in two, so that other code can re
 
 ``family(x, idx) == family.distribution_from_params(family.local_params(x, idx))``.
 
-Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+Optional closed form (declared in the class attribute ``closed_forms``; used by the direct
+training loss of :mod:`pyrovae.fastpath` where proven equal to Pyro's at run time):
 
 ``rsample_and_log_prob(x, idx) -> (z, log_q)``
     one reparameterized draw ``z`` of shape ``(batch, latent_dim)`` and its log-density, shape
     ``(batch,)``, computed from the draw's noise (for a Gaussian, :math:`z = \mu + L\epsilon`
     and :math:`\log q = -\tfrac12\|\epsilon\|^2 - \log|\det L| - \tfrac D2 \log 2\pi`)
     without building distribution objects. It must draw the same noise from the same RNG state
-    as ``family(x, idx).rsample()`` and give the same values to float rounding. The
-    :class:`~pyrovae.VAE` uses it only when it is defined by the same class as ``forward`` and
-    ``distribution_from_params`` or a subclass of it, so that a subclass changing the
-    distribution never inherits a closed form that no longer matches.
+    as ``family(x, idx).rsample()`` and give the same values to float rounding. A subclass
+    inherits the declaration; if it changes the distribution, the run-time proof fails and the
+    closed form is not used (a :class:`~pyrovae.errors.FastPathWarning` says so).
 
 The
 amortization-gap analysis of Cremer et al. (2018) optimizes each datapoint's own parameters from
@@ -285,6 +285,9 @@ class DiagonalNormal(_GaussianHeads):
         torch.Size([8])
     """
 
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("rsample_and_log_prob",)
+
     def __init__(
         self,
         encoder: nn.Module,
@@ -324,6 +327,9 @@ class FullRankNormal(_GaussianHeads):
     :param feature_dim: the encoder's output size (read from ``encoder.out_features`` if omitted).
     :param min_scale: a floor on the diagonal of :math:`L`.
     """
+
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("rsample_and_log_prob",)
 
     scale_key = "raw_scale_tril"
 
@@ -628,6 +634,9 @@ class LocalNormal(Family):
     :param init_scale: the initial :math:`\sigma`.
     :param min_scale: a floor on :math:`\sigma`.
     """
+
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("rsample_and_log_prob",)
 
     amortized = False
     per_datapoint = True

@@ -5,11 +5,12 @@ Contract: a likelihood is a :class:`torch.nn.Module`; ``likelihood(z)`` takes la
 ``event_shape`` (``(num_features,)`` for pyrovae's flat data). Its ``support`` is what
 :meth:`pyrovae.VAE.check_data` checks data against before any training starts.
 
-Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+Optional closed form (declared in the class attribute ``closed_forms = ("log_prob",)``; used by the
+direct training loss of :mod:`pyrovae.fastpath` where proven equal to Pyro's at run time):
 ``likelihood.log_prob(x, z)``, :math:`\log p(x \mid z)` summed over the features, shape
 ``z.shape[:-1]``, computed without building distribution objects, equal to
-``likelihood(z).log_prob(x)`` to float rounding. The :class:`~pyrovae.VAE` uses it only when it
-is defined by the same class as ``forward`` or a subclass of it.
+``likelihood(z).log_prob(x)`` to float rounding. A subclass that changes the distribution but
+inherits the declaration fails the run-time proof, and the closed form is not used.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class Bernoulli(Likelihood):
     dynamically, see :mod:`pyrovae.data`).
     """
 
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("log_prob",)
+
     data_bounds = (0.0, 1.0)
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
@@ -200,6 +204,9 @@ class Gaussian(_LocScale):
     :param min_scale: a floor on a learned or predicted :math:`\sigma`.
     """
 
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("log_prob",)
+
     _name = "Gaussian"
 
     def forward(self, z: torch.Tensor) -> dist.Distribution:
@@ -218,6 +225,9 @@ class Laplace(_LocScale):
 
     Same arguments as :class:`Gaussian`; ``scale`` is :math:`b`.
     """
+
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("log_prob",)
 
     _name = "Laplace"
 
