@@ -175,7 +175,7 @@ def _layers(cfg: VAEConfig, part: str | None = None) -> tuple[int, ...] | None:
     if layers is None and part is not None:
         raise ConfigError(
             f"the {part} needs the sizes of its stochastic layers, bottom first, summing to "
-            f"latent_dim: option layers=[100, 50] (CLI: --layers 100 50)"
+            f"latent_dim: option layers=[100, 50] (CLI: --option 'layers=[100,50]' --latent-dim 150)"
         )
     return None if layers is None else tuple(layers)
 
@@ -447,7 +447,7 @@ def _check_config(config: VAEConfig) -> None:
     if layers is not None and sum(layers) != config.latent_dim:
         raise ConfigError(
             f"option layers={list(layers)} sums to {sum(layers)} but latent_dim is "
-            f"{config.latent_dim}; set latent_dim to the sum (the CLI's --layers does)"
+            f"{config.latent_dim}; set latent_dim to the sum (CLI: --latent-dim {sum(layers)})"
         )
     _lookup(NETWORKS, config.network, "network")
     _lookup(PRIORS, config.prior, "prior")
