@@ -361,6 +361,8 @@ class Hierarchical(Prior):
         (torch.Size([3, 6]), torch.Size([6]))
     """
 
+    closed_forms: tuple[str, ...] = ("log_prob",)
+
     def __init__(
         self,
         layer_dims: Sequence[int],
@@ -439,6 +441,8 @@ class BottomUp(Family):
         >>> q(torch.zeros(5, 784)).rsample().shape
         torch.Size([5, 6])
     """
+
+    closed_forms: tuple[str, ...] = ("rsample_and_log_prob",)
 
     def __init__(
         self,
