@@ -369,6 +369,12 @@ class _ParticleObjective(ELBO):
         return torch_item(value)
 
 
+def _is_factor(site: dict[str, Any]) -> bool:
+    """A ``pyro.factor`` statement (observed and auxiliary): Pyro's ELBO counts it in the model
+    (``+``) and in the guide (``-``) alike."""
+    return bool(site["is_observed"]) and bool(site["infer"].get("is_auxiliary"))
+
+
 # ------------------------------------------------------------------------------------- IWAE
 class IWAE(_ParticleObjective):
     r"""The negative IWAE bound (Burda et al. 2016) of a minibatch, scaled to the data set.
@@ -424,7 +430,9 @@ class IWAE(_ParticleObjective):
             (site, trace is guide_trace)
             for trace in (model_trace, guide_trace)
             for site in trace.nodes.values()
-            if site["type"] == "sample" and not (trace is guide_trace and site["is_observed"])
+            if site["type"] == "sample" and not (
+                trace is guide_trace and site["is_observed"] and not _is_factor(site)
+            )
         ]
         frame = self._data_frame(sites)
         data_scale = frame.full_size / frame.size if frame.full_size else 1.0
@@ -432,7 +440,9 @@ class IWAE(_ParticleObjective):
         w: Any = 0.0
         latents = []
         for site, in_guide in sites:
-            if in_guide:
+            if in_guide and _is_factor(site):  # a pyro.factor of the guide: -log q, as Pyro
+                lp = -site["fn"].log_prob(site["value"])
+            elif in_guide:
                 lp = -self._guide_log_prob(site, hooked=self.gradient == "dreg")
                 latents.append(site["value"])
             else:
@@ -521,9 +531,11 @@ class ReparamELBO(_ParticleObjective):
         total: Any = 0.0
         for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
             for site in trace.nodes.values():
-                if site["type"] != "sample" or (sign < 0 and site["is_observed"]):
+                if site["type"] != "sample" or (
+                    sign < 0 and site["is_observed"] and not _is_factor(site)
+                ):
                     continue
-                if sign < 0:
+                if sign < 0 and not _is_factor(site):
                     lp = self._guide_log_prob(site, False)
                 else:
                     lp = site["fn"].log_prob(site["value"])

@@ -395,31 +395,32 @@ def test_sigterm_without_checkpoint_dir_is_left_alone() -> None:
     assert signal.getsignal(signal.SIGTERM) is old
 
 
-def test_fit_evaluates_trace_elbo_without_tracing_only_where_it_is_the_same_program() -> None:
-    """The untraced ELBO (VAE.trace_elbo_loss; equal to Trace_ELBO for every combination, see
-    test_parts) is used for exactly Pyro's one-particle Trace_ELBO on a VAE running its own
-    model and guide; a subclass of the loss, more particles, another loss, a VAE whose model
-    is rewritten, or traced=True run Pyro's loss. fit's trajectory is the traced one's."""
+def test_fit_evaluates_trace_elbo_without_tracing_only_where_it_is_proven() -> None:
+    """The direct loss (pyrovae.fastpath) is a candidate for exactly Pyro's one-particle
+    Trace_ELBO; a subclass of the loss, more particles, another loss, or traced=True run Pyro's
+    loss; a VAE whose model is rewritten is proven or not at run time (test_fastpath). fit's
+    trajectory is the traced one's."""
     from pyrovae import VAE
 
     vae = build_vae(VAEConfig(num_features=6, latent_dim=2, hidden_dims=(4,)), num_data=20)
-    assert training.objective(vae, Trace_ELBO()).direct is not None
-    assert training.objective(vae).direct is not None  # the default loss
-    assert training.objective(vae, Trace_ELBO(), traced=True).direct is None
-    assert training.objective(vae, Trace_ELBO(num_particles=2)).direct is None
-    assert training.objective(vae, IWAE(num_particles=3)).direct is None
+    x, idx = torch.bernoulli(torch.full((5, 6), 0.5)), torch.arange(5)
+
+    def fast(obj):
+        return obj.differentiable is not None and obj.differentiable.verdict(x, idx).fast
+
+    assert fast(training.objective(vae, Trace_ELBO()))
+    assert fast(training.objective(vae))  # the default loss
+    assert not fast(training.objective(vae, Trace_ELBO(), traced=True))
+    assert not fast(training.objective(vae, Trace_ELBO(num_particles=2)))
+    assert not fast(training.objective(vae, IWAE(num_particles=3)))
 
     class MyELBO(Trace_ELBO):
         pass
 
-    assert training.objective(vae, MyELBO()).direct is None
-
-    class Rewritten(VAE):
-        def _model(self, x, idx=None, *, kl_weight=1.0):
-            return super()._model(x, idx, kl_weight=kl_weight)
-
-    other = Rewritten(vae.prior, vae.family, vae.likelihood, num_data=20)
-    assert training.objective(other, Trace_ELBO()).direct is None
+    assert not fast(training.objective(vae, MyELBO()))
+    # The objective runs the public programs (a subclass's own model is what trains).
+    obj = training.objective(vae, Trace_ELBO())
+    assert obj.model == vae.model and obj.guide == vae.guide
 
     # Same parameters after a few epochs whether or not the loss is traced (float tolerance).
     g = torch.Generator().manual_seed(0)
@@ -538,8 +539,9 @@ def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
     minibatch; fit(compile=True) runs on it. (Whole runs are not compared bit-wise: Adam's first
     steps are +-lr for any gradient element near 0, so rounding can flip them.)"""
     vae, data = _setup()
-    eager = objective(vae, Trace_ELBO())
-    compiled = training._compiled(eager)
+    eager = objective(vae, Trace_ELBO(), beta=0.5)
+    compiled = objective(vae, Trace_ELBO(), beta=0.5, compile=True)
+    compiled.differentiable.prepare(data[:16], torch.arange(16), 1.0)
     with pyro.validation_enabled(False):
         for rows, w in ((16, 1.0), (16, 0.3), (10, 0.3)):
             x, idx = data[:rows], torch.arange(rows)
@@ -547,7 +549,7 @@ def test_compiled_loss_is_the_eager_loss_and_fit_uses_it(monkeypatch) -> None:
             for obj in (eager, compiled):
                 vae.zero_grad(set_to_none=True)
                 pyro.set_rng_seed(7)
-                value = obj.direct(x, idx, kl_weight=w)
+                value = obj.differentiable(x, idx, w)
                 value.backward()
                 values.append(value.detach())
                 grads.append([p.grad.clone() for p in vae.parameters()])
