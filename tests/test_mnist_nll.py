@@ -259,3 +259,45 @@ def test_a_run_begun_on_the_first_digits_keeps_them(first, tmp_path, one_thread)
     last = max(meta["curve"], key=lambda c: c["epochs"])
     assert last["epochs"] == 4 and last["test_digits"] == "first"
     assert last["nll"] == pytest.approx(-expected.mean, abs=1e-6)
+
+
+def test_two_layer_setting_under_the_burda_exact_protocol(tmp_path, one_thread, monkeypatch):
+    """vae-dynamic-k1-2l builds Burda et al.'s two-layer model (Hierarchical prior, BottomUp
+    family, the decoder reading z1); the burda-exact protocol (here its smoke version) trains at
+    minibatch 20 on all but the held-out digits, from the output bias at the logit of the
+    training mean, and its row says which protocol produced it."""
+    from pyrovae import BottomUp, Hierarchical
+    from pyrovae.build import build_vae
+
+    run = tmp_path / "2l"
+    applied = []
+    set_bias = bench.init_output_bias
+    monkeypatch.setattr(bench, "init_output_bias",
+                        lambda vae, bias: (applied.append(bias), set_bias(vae, bias)))
+    assert bench.main(["--setting", "vae-dynamic-k1-2l", "--dataset", "default",
+                       "--schedule", "smoke-exact", "--run-dir", str(run),
+                       "--out", str(tmp_path / "out"), "--state-dir", str(tmp_path / "state"),
+                       "--curve-num-test", "20", "--curve-num-samples", "10",
+                       "--eval-num-test", "20", "--eval-num-samples", "10"]) == 0
+    assert read_checkpoint(run)["history"]["num_steps"] == (6000 - 40) // 20
+    vae = load_model(run)
+    assert isinstance(vae.prior, Hierarchical) and isinstance(vae.family, BottomUp)
+    assert vae.prior.layer_dims == (100, 50) and vae.likelihood.decoder[0].num == 100
+    row = next(r for r in json.loads((tmp_path / "out" / "mnist_nll.json").read_text())
+               if r["setting"] == "vae-dynamic-k1-2l")
+    assert row["schedule"] == "smoke-exact" and row["batch_size"] == 20 and row["published"] == 85.33
+    assert "`smoke-exact`" in (tmp_path / "out" / "mnist_nll.md").read_text()
+    # the output bias: logit of the (clipped) mean intensity of the digits trained on
+    train = load_dataset("default", "train", binarize="dynamic")
+    kept = bench.protocol_data(train, bench.SCHEDULES["burda-exact"])
+    assert len(kept) == len(train) - 400
+    torch.testing.assert_close(kept.images, train.images[: len(train) - 400])
+    bias = bench.output_bias_logits(kept)
+    assert len(applied) == 1  # the new run started from it (a resumed one from its checkpoint)
+    torch.testing.assert_close(applied[0], bench.output_bias_logits(
+        bench.protocol_data(train, bench.SCHEDULES["smoke-exact"])))
+    mean = kept.images.double().mean(0).clamp(0.001, 0.999)
+    torch.testing.assert_close(bias.double(), torch.log(mean / (1 - mean)), rtol=0, atol=1e-6)
+    fresh = build_vae(bench.make_config(bench.SETTINGS["vae-dynamic-k1-2l"], 784), 10)
+    bench.init_output_bias(fresh, bias)
+    torch.testing.assert_close(fresh.likelihood.decoder[-1][-1].bias.detach(), bias)
