@@ -18,10 +18,10 @@ registry                  names
 The options (``VAEConfig.options``) are listed in :data:`OPTIONS`.
 
 Stochastic layers (:mod:`pyrovae.hierarchy`): the option ``layers``, e.g. ``[100, 50]`` (bottom
-first, summing to ``latent_dim``), splits :math:`z` into layers; the ``hierarchical`` prior and the
-``bottom_up`` family need it, their networks between layers have ``layer_hidden_dims``, and with
-it set the decoder reads the bottom layer only (``First(layers[0])`` before the network), for any
-likelihood, prior and family.
+first, summing to ``latent_dim``), splits :math:`z` into layers (default for the ``hierarchical``
+prior or the ``bottom_up`` family: about 2/3 and 1/3 of ``latent_dim``, so 150 gives Burda et
+al.'s ``[100, 50]``); their networks between layers have ``layer_hidden_dims``, and the decoder
+then reads the bottom layer only (``First(layers[0])`` before the network), for any likelihood.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ OPTIONS: dict[str, tuple[Any, str]] = {
                    "logits by a 1x1 layer shared by all pixels (FactoredLogits); 0 for a dense "
                    "output layer"),
     "layers": (None, "sizes of the stochastic layers, bottom first, e.g. [100, 50] (summing to "
-               "latent_dim): needed by the hierarchical prior and the bottom_up family; the "
-               "decoder then reads the bottom layer"),
+               "latent_dim; default for the hierarchical prior or the bottom_up family: about "
+               "2/3 and 1/3 of latent_dim); the decoder then reads the bottom layer"),
     "layer_hidden_dims": ([100, 100], "hidden sizes of the networks between stochastic layers "
                           "(p(z_l|z_l+1) and q(z_l+1|z_l))"),
 }
@@ -169,15 +169,22 @@ def _decoder(cfg: VAEConfig, values_per_feature: int = 1) -> nn.Module:
     return _reading_bottom(cfg, lambda c: make(c, values_per_feature))
 
 
-def _layers(cfg: VAEConfig, part: str | None = None) -> tuple[int, ...] | None:
-    """The ``layers`` option (``None`` if unset; a part that needs it raises if unset)."""
+def _layers(cfg: VAEConfig) -> tuple[int, ...] | None:
+    """The stochastic layers' sizes: the ``layers`` option, else, for the ``hierarchical`` prior
+    or the ``bottom_up`` family, two layers of about 2/3 and 1/3 of ``latent_dim`` (150 ->
+    (100, 50), Burda et al.'s); ``None`` for a model with one stochastic layer."""
     layers = _option(cfg, "layers")
-    if layers is None and part is not None:
+    if layers is not None:
+        return tuple(layers)
+    if cfg.prior != "hierarchical" and cfg.family != "bottom_up":
+        return None
+    top = max(1, cfg.latent_dim // 3)
+    if cfg.latent_dim - top < 1:
         raise ConfigError(
-            f"the {part} needs the sizes of its stochastic layers, bottom first, summing to "
-            f"latent_dim: option layers=[100, 50] (CLI: --option 'layers=[100,50]' --latent-dim 150)"
+            f"two stochastic layers need latent_dim >= 2, got {cfg.latent_dim}; or give their "
+            "sizes: option layers=[100, 50] (CLI: --option 'layers=[100,50]' --latent-dim 150)"
         )
-    return None if layers is None else tuple(layers)
+    return (cfg.latent_dim - top, top)
 
 
 def _reading_bottom(cfg: VAEConfig, build: Callable[[VAEConfig], nn.Module]) -> nn.Module:
@@ -211,7 +218,7 @@ def _vamp(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
 
 
 def _hierarchical(cfg: VAEConfig, likelihood: nn.Module) -> nn.Module:
-    return Hierarchical(_layers(cfg, "hierarchical prior"), tuple(_option(cfg, "layer_hidden_dims")),
+    return Hierarchical(_layers(cfg), tuple(_option(cfg, "layer_hidden_dims")),
                         cfg.activation)
 
 
@@ -234,7 +241,7 @@ def _full_rank(cfg: VAEConfig, num_data: int) -> nn.Module:
 
 
 def _bottom_up(cfg: VAEConfig, num_data: int) -> nn.Module:
-    return BottomUp(_encoder(cfg), _layers(cfg, "bottom_up family"),
+    return BottomUp(_encoder(cfg), _layers(cfg),
                     tuple(_option(cfg, "layer_hidden_dims")), cfg.activation,
                     feature_dim=_feature_dim(cfg))
 

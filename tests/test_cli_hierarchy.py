@@ -65,5 +65,21 @@ def test_layers_must_sum_to_latent_dim(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--latent-dim 5" in err, err
     assert not (tmp_path / "r").exists()
-    assert main(["train", *TINY, "--prior", "hierarchical", "--out", str(tmp_path / "r")]) == 2
-    assert "layers=[100,50]" in capsys.readouterr().err
+    assert main(["train", *TINY, "--prior", "hierarchical", "--latent-dim", "1",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "latent_dim >= 2" in capsys.readouterr().err
+
+
+def test_layers_default_to_two_thirds_and_one_third():
+    """Without the option: 150 -> Burda et al.'s (100, 50), for the prior, the family and the
+    decoder alike."""
+    from pyrovae.build import VAEConfig, build_vae
+
+    vae = build_vae(VAEConfig(784, latent_dim=150, hidden_dims=(16,), prior="hierarchical",
+                              family="bottom_up"), 10)
+    assert vae.prior.layer_dims == vae.family.layer_dims == (100, 50)
+    assert vae.likelihood.decoder[0].num == 100
+    one = build_vae(VAEConfig(784, latent_dim=2, hidden_dims=(16,), family="bottom_up"), 10)
+    assert one.family.layer_dims == (1, 1) and one.likelihood.decoder[0].num == 1
+    assert not isinstance(build_vae(VAEConfig(784, latent_dim=2, hidden_dims=(16,)), 10)
+                          .likelihood.decoder[0], type(one.likelihood.decoder[0]))

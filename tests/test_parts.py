@@ -28,6 +28,7 @@ from linear_gaussian import LinearGaussian
 from pyrovae import (
     VAE,
     Bernoulli,
+    BottomUp,
     Categorical256,
     ConfigError,
     ContinuousBernoulli,
@@ -277,6 +278,8 @@ def _family(name: str, latent_dim: int = 2, num_features: int = 3, context_dim: 
         return DiagonalNormal(encoder, latent_dim)
     if name == "full_rank":
         return FullRankNormal(encoder, latent_dim)
+    if name == "bottom_up":  # two stochastic layers: q(z1|x) q(z2|z1)
+        return BottomUp(encoder, (latent_dim - 1, 1), hidden_dims=(4,))
     base = DiagonalNormal(encoder, latent_dim)
     return Flow(base, FLOW_TRANSFORMS[name](latent_dim, context_dim, 2))
 
@@ -289,7 +292,7 @@ def _perturb(module: nn.Module, scale: float = 0.5) -> None:
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-INVERTIBLE_FAMILIES = ["diagonal", "full_rank", "iaf", "spline", "householder", "local"]
+INVERTIBLE_FAMILIES = ["diagonal", "full_rank", "iaf", "spline", "householder", "local", "bottom_up"]
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
