@@ -360,7 +360,9 @@ class TrainingLoss:
         return verdict
 
     def __call__(self, x: torch.Tensor, idx: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
-        verdict = self.verdict(x, idx, kl_weight)
+        """The loss of the minibatch ``(x, idx)``; the first call proves the direct loss (and,
+        with ``compile=True``, refuses a program it does not apply to, before any update)."""
+        verdict = self.prepare(x, idx, kl_weight) if self.compile else self.verdict(x, idx, kl_weight)
         if not verdict.fast:
             return self.pyro_loss(x, idx, kl_weight)
         if self.compile:

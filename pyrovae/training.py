@@ -252,7 +252,7 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
     differentiable = None
     if hasattr(loss, "differentiable_loss"):
         differentiable = TrainingLoss(vae, loss, weighted=weighted, fast=not traced, compile=compile)
-    elif compile:
+    if compile and (differentiable is None or not differentiable.eligible):
         raise ConfigError(
             f"compile=True compiles the default loss (Trace_ELBO() with one particle); "
             f"{type(loss).__name__} runs through Pyro's tracing, which torch.compile does not "
@@ -968,13 +968,6 @@ def fit(
             f"minibatch {state.batch}){where}; continue with fit(..., resume={str(ckpt_dir)!r})",
             ckpt_dir / "checkpoint.pt" if ckpt_dir else None,
         )
-
-    if obj.differentiable is not None:
-        # Prove (or not) the direct loss on this program before training, drawing nothing from
-        # the run's RNGs; with compile=True, refuse here where it does not apply.
-        x0, idx0 = _gather(train_set, torch.arange(min(batch_size, n)), device)
-        vae.train()
-        obj.differentiable.prepare(x0, idx0, obj.kl_weight(1.0 / steps_per_epoch))
 
     # The host reads the device's step flags every `sync_every` steps (at once on a CPU, where
     # that costs nothing), and before every checkpoint and epoch end.
