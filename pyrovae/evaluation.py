@@ -673,6 +673,12 @@ class Program:
         """Draw ``(x, z)`` from the model, z ~ p(z), x ~ p(x | z), with as many datapoints as
         ``template`` has rows (its values are not used)."""
         idx = torch.arange(template.shape[0], device=template.device)
+        if self.factors:
+            raise ConfigError(
+                f"simulating data needs the model's joint to be its ancestral sampler, but the "
+                f"model has pyro.factor site(s) {self.factors} that reweight it: BDMC cannot "
+                "simulate from it; check log p(x) with pyrovae.ais on held-out data instead"
+            )
         with poutine.block():
             tr = poutine.trace(poutine.uncondition(self.model)).get_trace(*self.args(template, idx))
         if len(self.observed) != 1:

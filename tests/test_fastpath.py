@@ -361,3 +361,9 @@ def test_every_shipped_part_takes_the_direct_path(case, float64):
         program = Program.resolve(vae.eval())
         _quiet(program.analyze, x, torch.arange(8))
         assert program.fast
+
+
+def test_bdmc_refuses_a_model_whose_factor_reweights_its_joint(data):
+    """BDMC simulates (x, z) by ancestral sampling, which a pyro.factor does not follow."""
+    with pytest.raises(ConfigError, match="pyro.factor.*BDMC cannot simulate"):
+        _quiet(pyrovae.bdmc, _vae(Penalized), 4, num_intermediate=5, num_chains=2, example=data[:1])
