@@ -60,6 +60,7 @@ from .hierarchy import (
     GaussianLayer,
     Hierarchical,
     LayerKL,
+    TopDown,
     active_units_per_layer,
     kl_per_layer,
 )
@@ -122,6 +123,7 @@ __all__ = [
     "First",
     "Hierarchical",
     "BottomUp",
+    "TopDown",
     "GaussianLayer",
     "kl_per_layer",
     "active_units_per_layer",

@@ -21,6 +21,11 @@ them through the contracts alone. The likelihood reads :math:`z_1`: its decoder 
 :class:`~pyrovae.nets.First` (``Bernoulli(nn.Sequential(First(d1), MLP(d1, ...)))``), so the
 likelihoods need no special case.
 
+:class:`TopDown` is the ladder VAE's inference model (Sønderby et al. 2016 [2]) as a family:
+:math:`q(z_L \mid x) \prod_{l<L} q(z_l \mid z_{l+1}, x)`, each conditional a precision-weighted
+combination of a bottom-up Gaussian from :math:`x` and the prior's :math:`p(z_l \mid z_{l+1})`
+(it uses the :class:`Hierarchical` prior's networks, which stay the prior's).
+
 Any family can stand beside the hierarchical prior (a diagonal Gaussian over all of :math:`z` is
 the mean-field family of Burda et al.'s two-layer model without the dependence of
 :math:`z_2` on :math:`z_1`), and any prior beside the bottom-up family (a standard normal over
@@ -71,6 +76,8 @@ __all__ = [
     "BottomUp",
     "HierarchicalNormal",
     "BottomUpNormal",
+    "TopDown",
+    "TopDownNormal",
     "layer_dims_of",
     "split_layers",
     "kl_per_layer",
@@ -500,6 +507,165 @@ def _encoder_dim(encoder: nn.Module, feature_dim: int | None) -> int:
                 "pass feature_dim=<size of the encoder's output>"
             )
     return check_positive_int(feature_dim, "feature_dim")
+
+
+class TopDownNormal(_LayeredDistribution):
+    r"""The distribution of a :class:`TopDown` family (Sønderby et al. 2016 [2]): the top layer
+    from the bottom-up pass, each lower layer a precision-weighted combination of its bottom-up
+    Gaussian :math:`\mathcal N(\hat\mu_l, \hat\sigma_l^2)` and the prior's
+    :math:`p(z_l \mid z_{l+1}) = \mathcal N(\mu_l(z_{l+1}), \sigma_l(z_{l+1})^2)`:
+
+    .. math::
+
+        q(z_L \mid x) = \mathcal N(\hat\mu_L, \hat\sigma_L^2), \qquad
+        q(z_l \mid z_{l+1}, x) = \mathcal N\Big(\frac{\hat\mu_l \hat\sigma_l^{-2} +
+        \mu_l \sigma_l^{-2}}{\hat\sigma_l^{-2} + \sigma_l^{-2}},\
+        \frac{1}{\hat\sigma_l^{-2} + \sigma_l^{-2}}\Big).
+
+    :param loc, scale: :math:`\hat\mu, \hat\sigma` of every layer, concatenated,
+        ``(*batch_shape, sum(layer_dims))``.
+    :param conditionals: the prior's :class:`GaussianLayer` modules (``conditionals[l]`` gives
+        layer ``l`` from layer ``l + 1``).
+    :param layer_dims: :math:`(d_1, \dots, d_L)`.
+    """
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor,
+                 conditionals: Sequence[GaussianLayer], layer_dims: Sequence[int]) -> None:
+        self.loc, self.scale = loc, scale
+        self.conditionals = list(conditionals)
+        self.layer_dims = tuple(layer_dims)
+        super().__init__(loc.shape[:-1], torch.Size((sum(self.layer_dims),)),
+                         validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        shape = torch.Size(batch_shape) + self.loc.shape[-1:]
+        return TopDownNormal(self.loc.expand(shape), self.scale.expand(shape),
+                             self.conditionals, self.layer_dims)
+
+    def _combined(self, layer: int, above: torch.Tensor, loc_hat: torch.Tensor,
+                  scale_hat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loc_p, scale_p = self.conditionals[layer](above)
+        prec_hat, prec_p = scale_hat.pow(-2), scale_p.pow(-2)
+        var = 1 / (prec_hat + prec_p)
+        return (loc_hat * prec_hat + loc_p * prec_p) * var, var.sqrt()
+
+    def layer_log_probs(self, value: torch.Tensor) -> list[torch.Tensor]:
+        r"""``[log q(z_1 | z_2, x), ..., log q(z_L | x)]``, each ``value.shape[:-1]``."""
+        z = list(value.split(self.layer_dims, -1))
+        locs = list(self.loc.split(self.layer_dims, -1))
+        scales = list(self.scale.split(self.layer_dims, -1))
+        terms = [diagonal_normal_log_prob(z[-1], locs[-1], scales[-1])]
+        for layer in reversed(range(len(self.conditionals))):
+            loc, scale = self._combined(layer, z[layer + 1], locs[layer], scales[layer])
+            terms.insert(0, diagonal_normal_log_prob(z[layer], loc, scale))
+        return terms
+
+    def rsample_with_log_prob(
+        self, sample_shape: torch.Size = torch.Size()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A draw from the top layer down ``(*sample_shape, *batch_shape, D)`` and its
+        ``log_prob`` from the draw's noise."""
+        locs = list(self.loc.split(self.layer_dims, -1))
+        scales = list(self.scale.split(self.layer_dims, -1))
+        shape = torch.Size(sample_shape) + locs[-1].shape
+        eps = _normal_noise(shape, self.loc)
+        z = [locs[-1] + scales[-1] * eps]
+        log_q = _noise_log_prob(eps, scales[-1].expand(shape))
+        for layer in reversed(range(len(self.conditionals))):
+            loc, scale = self._combined(layer, z[0], locs[layer], scales[layer])
+            eps = _normal_noise(loc.shape, loc)
+            z.insert(0, loc + scale * eps)
+            log_q = log_q + _noise_log_prob(eps, scale)
+        return torch.cat(z, -1), log_q
+
+
+class TopDown(Family):
+    r"""A top-down family with stochastic layers, the ladder VAE's inference model (Sønderby et
+    al. 2016 [2]): :math:`q(z \mid x) = q(z_L \mid x) \prod_{l<L} q(z_l \mid z_{l+1}, x)`, each
+    conditional combining a bottom-up Gaussian from :math:`x` with the prior's top-down
+    :math:`p(z_l \mid z_{l+1})` by precision weighting (:class:`TopDownNormal`), so the family
+    shares the generative path.
+
+    The bottom-up pass: the encoder gives :math:`h_1` ``(batch, feature_dim)``, and
+    :math:`h_{l+1} = \mathrm{MLP}_l(h_l)` (``hidden_dims``); linear heads on :math:`h_l` give
+    :math:`\hat\mu_l, \hat\sigma_l = \mathrm{softplus}(\cdot) + \sigma_{\min}`.
+
+    The prior's networks are used, not owned: they stay the VAE's ``prior`` (hand the family the
+    same :class:`Hierarchical` the VAE gets), so nothing is counted twice in ``state_dict``.
+
+    Local parameters: ``{"loc": (batch, latent_dim), "raw_scale": (batch, latent_dim)}``, the
+    bottom-up :math:`\hat\mu, \hat\sigma` of every layer, concatenated (the prior's networks
+    stay shared).
+
+    :param encoder: module ``(batch, num_features) -> (batch, feature_dim)``.
+    :param prior: the :class:`Hierarchical` prior of the model.
+    :param hidden_dims: the bottom-up networks between layers, e.g. ``(100, 100)``.
+    :param activation: their activation.
+    :param feature_dim: the encoder's output size (read from ``encoder.out_features`` if omitted).
+    :param min_scale: the floor on the bottom-up scales.
+    """
+
+    closed_forms: tuple[str, ...] = ("rsample_and_log_prob",)
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        prior: Hierarchical,
+        hidden_dims: Sequence[int] = (100, 100),
+        activation: str | Callable[[], nn.Module] = "tanh",
+        *,
+        feature_dim: int | None = None,
+        min_scale: float = 1e-5,
+    ) -> None:
+        if not isinstance(prior, Hierarchical):
+            raise ConfigError(
+                f"TopDown combines its bottom-up pass with a Hierarchical prior's networks; got "
+                f"{type(prior).__name__}; pass the prior the VAE gets, e.g. Hierarchical((100, 50))"
+            )
+        dims = prior.layer_dims
+        super().__init__(sum(dims))
+        self.layer_dims = dims
+        self._prior = (prior,)  # used, not owned (the VAE's prior holds its parameters)
+        self.encoder = encoder
+        self.feature_dim = _encoder_dim(encoder, feature_dim)
+        self.min_scale = check_positive_float(min_scale, "min_scale")
+        hidden = tuple(hidden_dims)
+        widths = [self.feature_dim]
+        trunks = []
+        for _ in dims[1:]:
+            trunks.append(MLP(widths[-1], hidden[:-1], hidden[-1], activation, activate_output=True)
+                          if hidden else nn.Identity())
+            widths.append(hidden[-1] if hidden else widths[-1])
+        self.trunks = nn.ModuleList(trunks)
+        self.loc_heads = nn.ModuleList(nn.Linear(w, d) for w, d in zip(widths, dims))
+        self.scale_heads = nn.ModuleList(nn.Linear(w, d) for w, d in zip(widths, dims))
+
+    @property
+    def prior(self) -> Hierarchical:
+        """The prior whose networks give the top-down terms."""
+        return self._prior[0]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def params_from_features(self, h: torch.Tensor) -> Params:
+        locs, raws = [self.loc_heads[0](h)], [self.scale_heads[0](h)]
+        for trunk, loc_head, scale_head in zip(self.trunks, self.loc_heads[1:], self.scale_heads[1:]):
+            h = trunk(h)
+            locs.append(loc_head(h))
+            raws.append(scale_head(h))
+        return {"loc": torch.cat(locs, -1), "raw_scale": torch.cat(raws, -1)}
+
+    def distribution_from_params(self, params: Params) -> dist.Distribution:
+        scale = F.softplus(params["raw_scale"]) + self.min_scale
+        return TopDownNormal(params["loc"], scale, list(self.prior.conditionals), self.layer_dims)
+
+    def rsample_and_log_prob(
+        self, x: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One reparameterized draw ``(batch, latent_dim)`` and its :math:`\log q` ``(batch,)``
+        from the noise (the same noise, in the same order, as ``family(x, idx).rsample()``)."""
+        return self(x, idx).rsample_with_log_prob()
 
 
 # ---------------------------------------------------------------------- per-layer diagnostics

@@ -29,6 +29,7 @@ from pyrovae import (
     Hierarchical,
     MLP,
     StandardNormal,
+    TopDown,
     active_units_per_layer,
     ais,
     elbo,
@@ -324,9 +325,62 @@ def test_gaps_take_the_bottom_layer_per_datapoint(exact):
     assert float(approximation.abs().max()) < 0.1 and float(amortization.abs().max()) < 0.1
 
 
+# ---------------------------------------------------------------------- the top-down family
+def _exact_top_down(m: TwoLayerLinearGaussian, prior: Hierarchical) -> TopDown:
+    """TopDown set to the exact posterior of the diagonal model: q(z2|x) = p(z2|x), and the
+    bottom-up term of z1 = p(x|z1) as a Gaussian in z1, N((W'W)^-1 W'(x - b), s^2 (W'W)^-1)
+    (diagonal: W's columns are orthogonal), which precision weighting with p(z1|z2) turns into
+    p(z1|z2, x)."""
+    q = TopDown(nn.Identity(), prior, hidden_dims=(), feature_dim=m.D).double()
+    gain = m.cov_vx @ torch.linalg.inv(m.cov_x)
+    post_cov = m.cov_v - gain @ m.cov_vx.T
+    wtw = m.W.T @ m.W
+    lsq = torch.linalg.solve(wtw, m.W.T)
+    with torch.no_grad():
+        q.loc_heads[0].weight.copy_(lsq)
+        q.loc_heads[0].bias.copy_(-lsq @ m.b)
+        q.loc_heads[1].weight.copy_(gain[m.d1:])
+        q.loc_heads[1].bias.copy_((m.mean_v - gain @ m.mean_x)[m.d1:])
+        for head, scale in ((q.scale_heads[0], m.s * torch.diagonal(torch.linalg.inv(wtw)).sqrt()),
+                            (q.scale_heads[1], torch.diagonal(post_cov[m.d1:, m.d1:]).sqrt())):
+            head.weight.zero_()
+            head.bias.copy_(_raw(scale, q.min_scale))
+    return q
+
+
+def test_top_down_family_is_the_exact_posterior(exact):
+    """Precision weighting of the bottom-up Gaussians with the prior's p(z1|z2) gives the joint
+    posterior p(z1, z2 | x) of the diagonal model at any z; so IS is exact, and the closed-form
+    draw is family(x).rsample()'s with log q from its noise."""
+    prior = exact.prior()
+    q = _exact_top_down(exact, prior)
+    x = exact.sample_x(5)
+    d = q(x)
+    assert d.batch_shape == (5,) and d.event_shape == (5,)
+    z = torch.randn(7, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(d.log_prob(z), exact.posterior(x).log_prob(z), rtol=1e-9, atol=1e-9)
+    torch.manual_seed(3)
+    z_a, log_q = q.rsample_and_log_prob(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(z_a, q(x).rsample(), rtol=0, atol=0)
+    torch.testing.assert_close(log_q, d.log_prob(z_a), rtol=1e-10, atol=1e-10)
+    torch.manual_seed(4)  # the draws are the posterior's (IS below is exact at any draw)
+    draws = q(x[:1]).rsample((40000,))[:, 0]
+    post = exact.posterior(x[:1])
+    torch.testing.assert_close(draws.mean(0), post.mean[0], atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(draws.T), post.covariance_matrix[0], atol=0.03, rtol=0.05)
+    vae = VAE(prior, q, exact.likelihood(), 5).double()
+    torch.testing.assert_close(log_likelihood(vae, x, num_samples=8, seed=0).values.double(),
+                               exact.log_px(x), rtol=0, atol=1e-9)
+    # the prior's networks are used, not owned: one copy in the state dict
+    assert not any(k.startswith("family.prior") for k in vae.state_dict())
+    with pytest.raises(ConfigError, match="Hierarchical prior"):
+        TopDown(nn.Identity(), StandardNormal(5), feature_dim=4)
+
+
 # ---------------------------------------------------------------------- combinations
 @pytest.mark.parametrize("combo", ["hierarchical+diagonal", "standard+bottom_up",
-                                   "hierarchical+bottom_up"])
+                                   "hierarchical+bottom_up", "hierarchical+top_down"])
 def test_every_combination_trains(combo):
     """Hierarchical prior with any family, any prior with the bottom-up family: the default
     loss trains them (the ELBO improves on 64 binary points)."""
@@ -336,6 +390,7 @@ def test_every_combination_trains(combo):
     prior = (Hierarchical((4, 2), hidden_dims=(8,)) if combo.startswith("hierarchical")
              else StandardNormal(6))
     family = (DiagonalNormal(enc, 6) if combo.endswith("diagonal")
+              else TopDown(enc, prior, hidden_dims=(8,)) if combo.endswith("top_down")
               else BottomUp(enc, (4, 2), hidden_dims=(8,)))
     vae = VAE(prior, family, Bernoulli(nn.Sequential(First(4), MLP(4, (16,), 12, "tanh"))), 64)
     history = fit(vae, x, num_epochs=30, batch_size=16, lr=3e-3, progress=False, seed=0)
