@@ -65,7 +65,9 @@ from torch.nn import functional as F
 
 from ._checks import check_positive_float, check_positive_int
 from ._densities import LOG_SQRT_2PI, diagonal_normal_log_prob
+from .diagnostics import ActiveUnits, _batches, _check_vae, _mean_stderr, active_units
 from .errors import ConfigError
+from .evaluation import evaluating
 from .families import Family, Params
 from .nets import MLP
 from .priors import Prior
@@ -752,9 +754,6 @@ def kl_per_layer(vae: Any, data: Any, *, num_samples: int = 100, batch_size: int
     is layered the same way or factorizes over the dimensions (a standard normal prior, a
     diagonal Gaussian family).
     """
-    from .diagnostics import _batches, _check_vae, _mean_stderr
-    from .evaluation import evaluating
-
     num_samples = check_positive_int(num_samples, "num_samples")
     check_positive_int(batch_size, "batch_size")
     layers = layer_dims_of(_check_vae(vae))
@@ -776,8 +775,6 @@ def active_units_per_layer(vae: Any, data: Any, **kwargs: Any) -> list[Any]:
     """:func:`pyrovae.active_units` split by stochastic layer: one
     :class:`~pyrovae.diagnostics.ActiveUnits` per layer, bottom first (``kwargs`` go to
     :func:`~pyrovae.active_units`)."""
-    from .diagnostics import ActiveUnits, active_units
-
     layers = layer_dims_of(vae)
     result = active_units(vae, data, **kwargs)
     return [
