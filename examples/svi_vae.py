@@ -6,12 +6,15 @@ example shows that a pyrovae ``VAE`` is an ordinary Pyro model/guide pair: ``pyr
 plate scales each minibatch's loss to the whole training set.
 
 Run: ``python examples/svi_vae.py --epochs 5`` (bundled MNIST sample; ``--dataset mnist
---data-root PATH`` for the full data).
+--data-root PATH`` for the full data); ``--smoke`` for a run of seconds; ``--out DIR`` saves
+``results.json`` and ``samples.png`` there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import pyro
 import torch
@@ -20,6 +23,7 @@ from pyro.optim import Adam
 
 from pyrovae import MLP, VAE, Bernoulli, DiagonalNormal, StandardNormal, log_likelihood
 from pyrovae.data import load_dataset
+from pyrovae.plots import sample_grid
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -32,7 +36,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--num-samples", type=int, default=200, help="K for log p(x)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="folder for results.json and samples.png")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds: 1 epoch on 500 digits")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.num_train, args.num_samples = 1, 500, 20
 
     pyro.set_rng_seed(args.seed)
     pyro.clear_param_store()
@@ -57,16 +65,25 @@ def main(argv: list[str] | None = None) -> float:
         ),
         batch_size=None,
     )
+    train_elbo = []
     for epoch in range(1, args.epochs + 1):
         total = 0.0
         for x, idx in loader:
             # svi.step returns the loss of the whole training set (the plate's scaling);
             # divided by num_data it is -ELBO per datapoint.
             total += svi.step(x, idx) / len(train) * len(idx)
-        print(f"epoch {epoch}: train ELBO {-total / len(train):.2f} nats per digit")
+        train_elbo.append(-total / len(train))
+        print(f"epoch {epoch}: train ELBO {train_elbo[-1]:.2f} nats per digit")
 
     ll = log_likelihood(vae, test, num_samples=args.num_samples, seed=args.seed)
     print(f"test log-likelihood: {ll}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results = {"args": {k: str(v) for k, v in vars(args).items()}, "train_elbo": train_elbo,
+                   "test_log_likelihood": ll.to_dict()}
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        sample_grid(vae, train.image_shape, path=args.out / "samples.png")
+        print(f"wrote {args.out / 'results.json'} and {args.out / 'samples.png'}")
     return ll.mean
 
 

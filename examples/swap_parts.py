@@ -6,13 +6,16 @@ and prints for both: the test log-likelihood by importance sampling, the ELBO, a
 their gap into approximation and amortization (Cremer et al. 2018) on a few test digits.
 
 Run: ``python examples/swap_parts.py --prior vamp --family iaf --loss iwae --epochs 5``
-(bundled MNIST sample; ``--dataset mnist --data-root PATH`` for the full data).
+(bundled MNIST sample; ``--dataset mnist --data-root PATH`` for the full data); ``--smoke`` for a
+run of seconds; ``--out DIR`` saves ``results.json`` and a sample grid of each model there.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import warnings
+from pathlib import Path
 
 import pyro
 import torch
@@ -36,6 +39,7 @@ from pyrovae import (
 )
 from pyrovae.data import load_dataset
 from pyrovae.errors import ImportanceSamplingWarning
+from pyrovae.plots import sample_grid
 
 
 def build(prior: str, family: str, num_features: int, latent_dim: int, num_data: int) -> VAE:
@@ -75,7 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
                         "(AIS through a VampPrior over a flow inverts the flow per pseudo-input "
                         "at every gradient: slow)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for results.json and the sample grids")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a few seconds: 1 epoch on 300 digits, small K, 5 gap points")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs, args.num_train, args.num_samples = 1, 300, 20
+        args.gap_points, args.gap_steps = 5, 20
 
     train = load_dataset(args.dataset, "train", root=args.data_root, binarize="dynamic")
     if args.num_train:
@@ -117,6 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
             f"gaps: approximation {s['approximation_gap'][0]:.2f}, "
             f"amortization {s['amortization_gap'][0]:.2f}"
         )
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            slug = "baseline" if name == "baseline" else "variant"
+            sample_grid(vae, train.image_shape, path=args.out / f"samples_{slug}.png")
+    if args.out is not None:
+        payload = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+        (args.out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     return results
 
 

@@ -4,6 +4,7 @@ prints and returns is checked against closed forms where the example has them.""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -32,21 +33,34 @@ def _assert_png(path: Path, max_kb: int = 400) -> None:
     assert 2_000 < len(data) < max_kb * 1024, f"{path} has {len(data)} bytes"
 
 
-def test_svi_example_trains_with_pyro_svi(capsys):
+def test_svi_example_trains_with_pyro_svi(capsys, tmp_path):
     ll = _load("svi_vae").main(["--epochs", "2", "--num-train", "1000", "--num-samples", "20",
-                                "--latent-dim", "8"])
+                                "--latent-dim", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "epoch 2" in out and "test log-likelihood" in out
     # 784 Bernoulli pixels at p=1/2 give -543 nats; two epochs of SVI must do far better.
     assert math.isfinite(ll) and ll > -400
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["train_elbo"]) == 2 and saved["test_log_likelihood"]["mean"] == pytest.approx(ll)
+    _assert_png(tmp_path / "samples.png")
 
 
-def test_swap_parts_example_trains_both_models(capsys):
+def test_svi_example_smoke_is_one_short_epoch(tmp_path):
+    _load("svi_vae").main(["--smoke", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["train_elbo"]) == 1 and saved["args"]["num_train"] == "500"
+
+
+def test_swap_parts_example_trains_both_models(capsys, tmp_path):
     results = _load("swap_parts").main(
         ["--prior", "vamp", "--family", "iaf", "--loss", "iwae", "--epochs", "1",
          "--num-train", "300", "--num-samples", "30", "--gap-points", "4", "--gap-steps", "20",
-         "--latent-dim", "4", "--gap-estimator", "is"]
+         "--latent-dim", "4", "--gap-estimator", "is", "--out", str(tmp_path)]
     )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["results"].keys() == results.keys()
+    _assert_png(tmp_path / "samples_baseline.png")
+    _assert_png(tmp_path / "samples_variant.png")
     out = capsys.readouterr().out
     assert "baseline" in out and "vamp prior, iaf family, iwae" in out
     assert len(results) == 2
