@@ -62,7 +62,7 @@ from pyro.distributions.transforms import biject_to
 from pyro.ops.integrator import velocity_verlet
 
 from ._checks import check_positive_float, check_positive_int
-from .errors import ConfigError
+from .errors import ConfigError, PyrovaeWarning
 from .evaluation import (
     Scorable,
     DEFAULT_MAX_BYTES,
@@ -80,7 +80,7 @@ from .evaluation import (
     refuse_local,
 )
 
-__all__ = ["AISResult", "BDMCResult", "ais", "bdmc", "sigmoid_schedule"]
+__all__ = ["AISConvergenceWarning", "AISResult", "BDMCResult", "ais", "bdmc", "sigmoid_schedule"]
 
 #: The acceptance rate the step sizes are adapted toward (Neal 2011; Wu et al. 2017).
 TARGET_ACCEPTANCE = 0.65
@@ -89,6 +89,10 @@ _ADAPT_GAIN = 0.5
 _STEP_MIN, _STEP_MAX = 1e-4, 2.0
 #: AIS keeps autograd graphs of the decoder: its rows cost this many times an IS row.
 _AUTOGRAD_FACTOR = 4
+#: The start distributions :math:`\pi_0`.
+STARTS = ("encoder", "prior", "defensive")
+#: The encoder's share of the defensive start :math:`w\, q(z \mid x) + (1 - w)\, p(z)`.
+DEFENSIVE_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,19 @@ class AISResult(Estimate):
     :ivar start: ``"encoder"`` or ``"prior"`` (the start distribution :math:`\pi_0`).
     :ivar direction: ``"forward"`` (lower bound) or ``"reverse"`` (upper bound, BDMC).
     :ivar num_nonfinite_weights: datapoints with a non-finite chain log-weight.
+    :ivar check_intermediate: ``T_c``, the steps of the convergence check's independent shorter
+        run (``0``: no check).
+    :ivar values_check: per datapoint, the estimate of that shorter run.
+    :ivar discrepancy: per datapoint, ``values - values_check``. AIS's bias shrinks as ``T``
+        grows (about like ``1/T`` once it mixes), so a long run well above a short one has not
+        converged; the discrepancy is at least the bias left at ``T_c``.
+    :ivar total_stderr: per datapoint,
+        :math:`\sqrt{\mathrm{se}_{\mathrm{chains}}^2 + d^2}` with :math:`d` the discrepancy:
+        the error to state (see :attr:`error`).
+    :ivar converged: ``None`` without a check; else whether the mean discrepancy is within
+        :data:`CONVERGENCE_TOL` nats or 3 of its standard errors over datapoints (not
+        significantly positive); ``False`` also warns (:class:`AISConvergenceWarning`).
+    :ivar convergence: one line on the check.
     """
 
     log_weights: torch.Tensor | None = None
@@ -122,26 +139,58 @@ class AISResult(Estimate):
     start: str = "encoder"
     direction: str = "forward"
     num_nonfinite_weights: int = 0
+    check_intermediate: int = 0
+    values_check: torch.Tensor | None = None
+    discrepancy: torch.Tensor | None = None
+    total_stderr: torch.Tensor | None = None
+    converged: bool | None = None
+    convergence: str | None = None
 
     @property
     def mean_acceptance(self) -> float:
         return float(self.acceptance.double().mean())
+
+    @property
+    def error(self) -> torch.Tensor:
+        r"""Per datapoint, the error to state: ``total_stderr`` where the convergence check ran
+        (the chains' standard error and the discrepancy to the shorter schedule in quadrature),
+        else ``chain_stderr`` (which covers the Monte Carlo noise only, not the bias)."""
+        return self.chain_stderr if self.total_stderr is None else self.total_stderr
+
+    @property
+    def mean_error(self) -> float:
+        r"""The Monte Carlo error of ``mean`` (not its spread over datapoints):
+        :math:`\sqrt{\sum_n e_n^2} / n` over the finite per-datapoint ``error`` :math:`e_n`."""
+        e = self.error[torch.isfinite(self.error)].double()
+        return float(e.pow(2).sum().sqrt() / e.numel()) if e.numel() else float("nan")
 
     def to_dict(self, per_datapoint: bool = False) -> dict[str, Any]:
         out = super().to_dict(per_datapoint)
         out["mean_acceptance"] = self.mean_acceptance
         finite = self.chain_stderr[torch.isfinite(self.chain_stderr)]
         out["mean_chain_stderr"] = float(finite.mean()) if finite.numel() else None
-        out.get("per_datapoint", {}).pop("log_weights", None)
+        out["mean_error"] = self.mean_error
+        if self.discrepancy is not None:
+            d = self.discrepancy[torch.isfinite(self.discrepancy)].double()
+            out["mean_discrepancy"] = float(d.mean()) if d.numel() else None
+        pd = out.get("per_datapoint", {})
+        pd.pop("log_weights", None)
+        pd.pop("converged", None)
+        for name in ("values_check", "discrepancy", "total_stderr"):
+            if name in pd and getattr(self, name) is None:
+                pd.pop(name)
         return out
 
     def __str__(self) -> str:
         bound = "lower" if self.direction == "forward" else "upper"
-        return (
+        text = (
             f"{Estimate.__str__(self)[:-1]}, AIS {self.direction} ({bound} bound), "
             f"T={self.num_intermediate}, C={self.num_chains}, start={self.start}, "
-            f"acceptance {self.mean_acceptance:.2f})"
+            f"acceptance {self.mean_acceptance:.2f}, Monte Carlo error {self.mean_error:.3f})"
         )
+        if self.converged is False:
+            text += f"; NOT CONVERGED: {self.convergence}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -261,10 +310,14 @@ class _Annealer:
     def evaluate(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z, log_det = self.unpack(u)
         prior, lik, q = self.program.log_densities(
-            self.x, self.idx, z, self.C, with_guide=self.start == "encoder"
+            self.x, self.idx, z, self.C, with_guide=self.start != "prior"
         )
         if self.start == "prior":
             return prior + log_det, lik
+        if self.start == "defensive":  # pi_0 = w q(z|x) + (1 - w) p(z)
+            w = DEFENSIVE_WEIGHT
+            start = torch.logaddexp(q + math.log(w), prior + math.log1p(-w))
+            return start + log_det, prior + lik - start
         return q + log_det, prior + lik - q
 
     def potential(self, beta: float) -> Any:
@@ -297,7 +350,13 @@ def _anneal(
     C, B = num_chains, int(x.shape[0])
     ann = _Annealer(program, x, idx, C, start)
     with torch.no_grad():
-        if z_init is None:
+        if z_init is None and start == "defensive":
+            zq = program.sample_latents(x, idx, C, "encoder")
+            zp = program.sample_latents(x, idx, C, "prior")
+            from_q = torch.rand(C, B, device=x.device) < DEFENSIVE_WEIGHT
+            z0 = {k: torch.where(from_q.reshape((C, B) + (1,) * (v.dim() - 2)), v, zp[k])
+                  for k, v in zq.items()}
+        elif z_init is None:
             z0 = program.sample_latents(x, idx, C, start)
         else:
             z0 = {k: v.unsqueeze(0).expand((C,) + tuple(v.shape)) for k, v in z_init.items()}
@@ -367,19 +426,64 @@ def _check_options(num_intermediate: Any, num_chains: Any, leapfrog_steps: Any, 
     check_positive_int(num_chains, "num_chains")
     check_positive_int(leapfrog_steps, "leapfrog_steps")
     check_positive_float(step_size, "step_size")
-    if start not in ("encoder", "prior"):
-        raise ConfigError(f"start must be 'encoder' (q(z|x)) or 'prior' (p(z)), got {start!r}")
+    if start not in STARTS:
+        raise ConfigError(
+            f"start must be 'encoder' (q(z|x)), 'prior' (p(z)) or 'defensive' (the mixture "
+            f"{DEFENSIVE_WEIGHT} q(z|x) + {1 - DEFENSIVE_WEIGHT} p(z)), got {start!r}"
+        )
 
 
-def _result(log_w: torch.Tensor, acceptance: torch.Tensor, eps: torch.Tensor, sign: float, **extra: Any) -> AISResult:
+def _result(log_w: torch.Tensor, acceptance: torch.Tensor, eps: torch.Tensor, sign: float,
+            check_log_w: torch.Tensor | None = None, check_intermediate: int = 0,
+            **extra: Any) -> AISResult:
     C = log_w.shape[0]
     values = sign * (torch.logsumexp(log_w, 0) - math.log(C))
     mean, stderr = mean_stderr(values)
+    chain_se = _chain_stderr(log_w).cpu()
+    check: dict[str, Any] = {}
+    if check_log_w is not None:
+        check = _convergence(values.cpu(), chain_se, check_log_w, extra["num_intermediate"],
+                             check_intermediate)
     return AISResult(
-        values.cpu(), mean, stderr, log_weights=log_w.cpu(), chain_stderr=_chain_stderr(log_w).cpu(),
+        values.cpu(), mean, stderr, log_weights=log_w.cpu(), chain_stderr=chain_se,
         acceptance=acceptance.cpu(), step_size=eps.cpu(), num_chains=C,
-        num_nonfinite_weights=int((~torch.isfinite(log_w)).any(0).sum()), **extra,
+        num_nonfinite_weights=int((~torch.isfinite(log_w)).any(0).sum()), **check, **extra,
     )
+
+
+#: Mean discrepancies between the run and its convergence check below this many nats per
+#: datapoint are not called a failure to converge, however small their standard error.
+CONVERGENCE_TOL = 0.01
+
+
+class AISConvergenceWarning(PyrovaeWarning):
+    """An AIS run's estimate moved significantly between the convergence check's shorter
+    schedule and the full one: its bias is not negligible (raise ``num_intermediate``)."""
+
+
+def _convergence(values: torch.Tensor, chain_se: torch.Tensor, check_log_w: torch.Tensor,
+                 T: int, T_check: int) -> dict[str, Any]:
+    r"""The convergence check's fields: per datapoint :math:`d = \hat\ell_T - \hat\ell_{T_c}`
+    and the error :math:`\sqrt{\mathrm{se}^2 + d^2}`; over datapoints, whether the mean of
+    :math:`d` is significantly positive (by more than :data:`CONVERGENCE_TOL` and 3 standard
+    errors)."""
+    C = check_log_w.shape[0]
+    check_values = (torch.logsumexp(check_log_w, 0) - math.log(C)).cpu()
+    d = values - check_values
+    total = (chain_se.pow(2) + d.pow(2)).sqrt()
+    finite = torch.isfinite(d)
+    mean_d, se_d = mean_stderr(d[finite]) if bool(finite.any()) else (float("nan"), float("nan"))
+    se_d = 0.0 if math.isnan(se_d) else se_d
+    converged = bool(math.isfinite(mean_d) and mean_d <= max(CONVERGENCE_TOL, 3 * se_d))
+    line = (f"the estimate moved by {mean_d:+.3f} ± {se_d:.3f} nats per datapoint from T={T_check} "
+            f"to T={T}")
+    if converged:
+        line += " (within error: converged); each datapoint's error includes its own change"
+    else:
+        line += (f": AIS has not converged at T={T} and its bias is likely of that order; "
+                 f"raise num_intermediate (x4 cuts the bias ~4x) or use a better start")
+    return dict(check_intermediate=T_check, values_check=check_values, discrepancy=d,
+                total_stderr=total, converged=converged, convergence=line)
 
 
 def ais(
@@ -392,6 +496,7 @@ def ais(
     start: str = "encoder",
     step_size: float = 0.05,
     target_acceptance: float = TARGET_ACCEPTANCE,
+    convergence_check: bool = True,
     max_bytes: int = DEFAULT_MAX_BYTES,
     seed: int | None = None,
     progress: bool = False,
@@ -414,9 +519,17 @@ def ais(
     :param num_chains: ``C``, independent chains per datapoint.
     :param leapfrog_steps: leapfrog steps per HMC transition.
     :param start: ``"encoder"``: :math:`\pi_0 = q(z \mid x)` (the guide must evaluate its
-        density at any ``z``: not planar or radial flows); ``"prior"``: :math:`\pi_0 = p(z)`.
+        density at any ``z``: not planar or radial flows); ``"prior"``: :math:`\pi_0 = p(z)`;
+        ``"defensive"``: :math:`\pi_0 = \frac12 q(z \mid x) + \frac12 p(z)` (the chains that
+        start from the prior keep posterior mass the encoder misses within reach).
     :param step_size: the initial leapfrog step size of every datapoint.
     :param target_acceptance: the acceptance rate the step sizes are adapted toward.
+    :param convergence_check: also run an independent AIS with ``T // 4`` steps on the same
+        datapoints (25% more work) and report the discrepancy: per datapoint in the error
+        (``total_stderr``), over the data set in ``converged`` (with an
+        :class:`AISConvergenceWarning` when the estimate is still moving). Without it the stated
+        ``chain_stderr`` covers the Monte Carlo noise only, and a short schedule's bias goes
+        unreported (``benchmarks/results/ais_calibration.md``).
     :param max_bytes: memory budget (chains x datapoints per batch follow from it).
     :param seed: seeds every draw (the global RNG is left as it was).
     :param progress: show a progress bar.
@@ -432,36 +545,45 @@ def ais(
     target = check_positive_float(target_acceptance, "target_acceptance")
     program = Program.resolve(vae, "vae")
     max_bytes, _ = check_budget(max_bytes, None)
-    if check_local(local) != "lookup" and start == "encoder":
-        refuse_local(program, "ais with start='encoder'")
+    if check_local(local) != "lookup" and start != "prior":
+        refuse_local(program, f"ais with start={start!r}")
     group = resolve_group(process_group, program)
-    parts = []
+    check_steps = max(1, num_intermediate // 4) if convergence_check else 0
+    parts, checks = [], []
     with evaluating(program.modules, seed), frozen(program.modules):
         for x, idx, _, _ in chunks(
             program, data, num_chains, max_bytes=max_bytes, progress=progress, desc="AIS",
-            need_guide=start == "encoder", factor=_AUTOGRAD_FACTOR, seed=seed, group=group,
+            need_guide=start != "prior", factor=_AUTOGRAD_FACTOR, seed=seed, group=group,
         ):
             _check_density(program, x, idx, start)
             betas = sigmoid_schedule(num_intermediate)
-            parts.append(
-                _anneal(program, x, idx, betas, num_chains=num_chains,
-                        leapfrog_steps=leapfrog_steps, start=start, step_size=step_size,
-                        target=target)
-            )
+            options = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps, start=start,
+                           step_size=step_size, target=target)
+            parts.append(_anneal(program, x, idx, betas, **options))
+            if check_steps:
+                checks.append(_anneal(program, x, idx, sigmoid_schedule(check_steps), **options))
     dtype = program.dtype
     log_w = gather_parts([p[0] for p in parts], group, 1, (num_chains, 0), dtype)
-    return _result(
+    check_log_w = (gather_parts([p[0] for p in checks], group, 1, (num_chains, 0), dtype)
+                   if check_steps else None)
+    result = _result(
         log_w, gather_parts([p[1] for p in parts], group, 0, (0,), dtype),
         gather_parts([p[2] for p in parts], group, 0, (0,), dtype), 1.0,
+        check_log_w=check_log_w, check_intermediate=check_steps,
         num_intermediate=num_intermediate, leapfrog_steps=leapfrog_steps, start=start,
         direction="forward",
     )
+    if result.converged is False:
+        import warnings
+
+        warnings.warn(result.convergence, AISConvergenceWarning, stacklevel=2)
+    return result
 
 
 
 def _check_density(program: Program, x: torch.Tensor, idx: torch.Tensor, start: str) -> None:
     """Refuse a guide that cannot evaluate :math:`\\log q(z \\mid x)` at points it did not draw."""
-    if start != "encoder" or getattr(program, "_density_checked", False):
+    if start == "prior" or getattr(program, "_density_checked", False):
         return
     with torch.no_grad(), no_draws():  # the seeded draws of the batch are not shifted
         z = program.sample_latents(x[:1], idx[:1], 1, "prior")
@@ -522,8 +644,8 @@ def bdmc(
     num_points = check_positive_int(num_points, "num_points")
     program = Program.resolve(vae, "vae")
     max_bytes, _ = check_budget(max_bytes, None)
-    if start == "encoder":
-        refuse_local(program, "bdmc with start='encoder'")
+    if start != "prior":
+        refuse_local(program, f"bdmc with start={start!r}")
     if program.vae is None and example is None:
         raise ConfigError(
             "bdmc of a (model, guide) pair needs example=<a batch of real data> to know the "
@@ -538,7 +660,7 @@ def bdmc(
         template = example[:1].to(device)
         template = template.expand((num_points,) + tuple(template.shape[1:])).clone()
         idx_all = torch.arange(num_points, device=device)
-        program.analyze(template, idx_all, need_guide=start == "encoder")
+        program.analyze(template, idx_all, need_guide=start != "prior")
         with torch.no_grad():
             x_all, z_all = program.simulate(template)
         betas = sigmoid_schedule(num_intermediate)

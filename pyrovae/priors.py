@@ -5,11 +5,12 @@ with no arguments it returns a :class:`~pyro.distributions.Distribution` with
 ``event_shape == (latent_dim,)`` and ``batch_shape == ()``. The :class:`~pyrovae.VAE` puts it
 inside the ``"data"`` plate, which broadcasts it over the minibatch (and over vectorized particles).
 
-Optional closed form (used by the default training loss, :meth:`pyrovae.VAE.trace_elbo_loss`):
+Optional closed form (declared in the class attribute ``closed_forms = ("log_prob",)``; used by the
+direct training loss of :mod:`pyrovae.fastpath` where proven equal to Pyro's at run time):
 ``prior.log_prob(z)``, :math:`\log p(z)` of latents ``(..., latent_dim)``, shape ``(...)``,
 computed without building distribution objects, equal to ``prior().log_prob(z)`` to float
-rounding. The :class:`~pyrovae.VAE` uses it only when it is defined by the same class as
-``forward`` or a subclass of it.
+rounding. A subclass that changes the distribution but inherits the declaration fails the
+run-time proof, and the closed form is not used.
 """
 
 from __future__ import annotations
@@ -138,6 +139,9 @@ class StandardNormal(Prior):
         torch.Size([2])
     """
 
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("log_prob",)
+
     def __init__(self, latent_dim: int) -> None:
         super().__init__(latent_dim)
         # Buffers, so that ``.to(device)`` and ``.double()`` move them with the model.
@@ -164,6 +168,9 @@ class LearnedNormal(Prior):
     :param latent_dim: the size of ``z``.
     :param min_scale: a floor on :math:`\sigma`.
     """
+
+    #: Closed forms this class defines (proven at run time by :mod:`pyrovae.fastpath`).
+    closed_forms: tuple[str, ...] = ("log_prob",)
 
     def __init__(self, latent_dim: int, *, min_scale: float = 1e-4) -> None:
         super().__init__(latent_dim)
@@ -239,8 +246,9 @@ class VampPrior(Prior):
     (:class:`DiagonalNormalMixture`). Any other family evaluates :math:`q(z_i \mid u_k)` for
     every pair of a row :math:`z_i` and a pseudo-input -- for a flow that means inverting it
     ``rows x K`` times -- so the rows go in chunks of at most ``max_bytes`` of saved
-    activations (measured once per dtype and device on one row), and while training each chunk
-    is recomputed in the backward pass (``torch.utils.checkpoint``) instead of being kept.
+    activations (measured once per dtype and device on one row), and under autograd each chunk
+    is recomputed in the backward pass instead of being kept (:class:`_ChunkedLogProb`, which
+    works under ``.backward()`` in training and ``torch.autograd.grad`` in HMC alike).
 
     :param num_pseudo_inputs: :math:`K`.
     :param num_features: :math:`D`, the data size.
@@ -421,19 +429,67 @@ class _PairwiseMixture(dist.TorchDistribution):
         if z.shape[0] <= rows:
             out = self._chunk(z, *values)
         elif torch.is_grad_enabled():
-            # Reentrant: each chunk's recomputed graph is backpropagated and freed at once. (The
-            # non-reentrant form keeps recomputed tensors that backward never unpacks until the
-            # whole backward pass ends: measured, the peak grew by ~50 MB per row with an IAF.)
-            # It needs .backward(), not torch.autograd.grad, where a step has several chunks.
-            from torch.utils.checkpoint import checkpoint
-
-            out = torch.cat([
-                checkpoint(self._chunk, c, *values, use_reentrant=True, preserve_rng_state=False)
-                for c in z.split(rows)
-            ])
+            # Each chunk is recomputed and differentiated on its own in the backward pass, then
+            # freed (see _ChunkedLogProb): works under .backward() and torch.autograd.grad
+            # (HMC in AIS) alike. The family's own parameters (an IAF's networks) are used
+            # inside the chunks, so they are inputs too.
+            shared = tuple(p for p in self.family.parameters() if p.requires_grad)
+            out = _ChunkedLogProb.apply(self._chunk, rows, len(values), z, *values, *shared)
         else:
             out = torch.cat([self._chunk(c, *values) for c in z.split(rows)])
         return out.reshape(batch)
+
+
+class _ChunkedLogProb(torch.autograd.Function):
+    r"""``cat([fn(c, *values) for c in z.split(rows)])`` with memory bounded by one chunk in
+    both passes: the forward keeps no graph (only ``z`` and the inputs), and the backward
+    recomputes each chunk under ``enable_grad``, takes its vector-Jacobian product with
+    :func:`torch.autograd.grad` and frees it before the next.
+
+    Unlike ``torch.utils.checkpoint(use_reentrant=True)`` (which calls ``.backward()`` inside
+    and refuses ``torch.autograd.grad``, HMC's gradient) it works under either; unlike the
+    non-reentrant checkpoint, it holds no recomputed tensors past their chunk. Inputs:
+    ``fn, rows, num_values, z, *values, *shared``: ``values`` are passed to ``fn``, ``shared``
+    are tensors ``fn`` reads by closure (a family's parameters) whose gradients it returns.
+    First-order only (``once_differentiable``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Any, rows: int, num_values: int, z: torch.Tensor,
+                *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.fn, ctx.rows, ctx.num_values = fn, rows, num_values
+        ctx.save_for_backward(z, *inputs)
+        values = inputs[:num_values]
+        with torch.no_grad():
+            return torch.cat([fn(c, *values) for c in z.split(rows)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        z, *inputs = ctx.saved_tensors
+        nv = ctx.num_values
+        need_z, *need_in = ctx.needs_input_grad[3:]
+        values = [v.detach().requires_grad_(n) for v, n in zip(inputs[:nv], need_in[:nv])]
+        shared = inputs[nv:]  # the closed-over leaves themselves
+        wrt_in = [t for t, n in zip(values + list(shared), need_in) if n]
+        sums: list[torch.Tensor | None] = [None] * len(wrt_in)
+        z_grads = []
+        for c, g in zip(z.split(ctx.rows), grad_out.split(ctx.rows)):
+            c = c.detach().requires_grad_(need_z)
+            with torch.enable_grad():
+                out = ctx.fn(c, *values)
+                wrt = ([c] if need_z else []) + wrt_in
+                grads = list(torch.autograd.grad(out, wrt, g, allow_unused=True)) if wrt else []
+            if need_z:
+                gz = grads.pop(0)
+                z_grads.append(torch.zeros_like(c) if gz is None else gz)
+            for i, gi in enumerate(grads):
+                if gi is not None:
+                    sums[i] = gi if sums[i] is None else sums[i] + gi
+            del out, grads
+        it = iter(sums)
+        in_grads = tuple(next(it) if n else None for n in need_in)
+        return (None, None, None, torch.cat(z_grads) if need_z else None, *in_grads)
 
 
 class FlowPrior(Prior):

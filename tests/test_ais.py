@@ -50,10 +50,11 @@ def _assert_matches(result: AISResult, exact: torch.Tensor) -> None:
     assert abs(float(err.mean())) < 3 * mean_se, (float(err.mean()), mean_se)
 
 
-@pytest.mark.parametrize("start", ["encoder", "prior"])
+@pytest.mark.parametrize("start", ["encoder", "prior", "defensive"])
 def test_ais_matches_linear_gaussian_log_px(lg, start):
-    """An untrained encoder (far from the posterior) or the prior as the start: AIS recovers the
-    closed-form log p(x) of every datapoint within its chains' standard error."""
+    """An untrained encoder (far from the posterior), the prior, or their even mixture (the
+    defensive start: its density is the mixture's, its draws from either) as the start: AIS
+    recovers the closed-form log p(x) of every datapoint within its chains' standard error."""
     x = lg.sample_x(8)
     vae = _untrained(lg)
     result = ais(vae, x, num_intermediate=200, num_chains=32, leapfrog_steps=5, start=start, seed=0)
@@ -170,3 +171,84 @@ def test_ais_and_bdmc_score_a_plain_pair(lg):
     se = math.sqrt(float(sandwich.lower.chain_stderr.pow(2).mean()) / 10)
     assert sandwich.lower.mean <= exact + 3 * se and sandwich.upper.mean >= exact - 3 * se
     assert sandwich.mean < 0.2
+
+
+# ---------------------------------------------------------------------- stated errors that cover
+def _wrong_encoder(lg: LinearGaussian) -> VAE:
+    """The best diagonal family moved 3 posterior sd off and made 0.3x as wide: a start that
+    misses the posterior (benchmarks/ais_calibration.py's lg-wrong)."""
+    family = lg.best_diagonal_family()
+    with torch.no_grad():
+        family.loc_head.bias.add_(3 * torch.diagonal(lg.posterior_cov).sqrt())
+        target = 0.3 * torch.diagonal(lg.precision).rsqrt()
+        family.scale_head.bias.copy_(torch.log(torch.expm1(target - family.min_scale)))
+    return lg.vae(family)
+
+
+@pytest.fixture
+def lg10(float64, one_thread) -> LinearGaussian:
+    return LinearGaussian(latent_dim=3, num_features=10, scale=0.7, seed=3)
+
+
+def test_a_short_schedule_is_flagged_and_its_stated_error_covers(lg10):
+    """T = 50 with 5 leapfrog steps from a wrong encoder: AIS is ~1 nat low, and the chains'
+    standard error alone misses the truth by more than 3 of them on a fifth of the points or
+    more (what AIS stated before). The convergence check (an independent run at T/4) sees the
+    estimate still moving: converged is False, with a warning; the per-datapoint error that
+    includes the discrepancy covers the truth within 3 errors on >= 90% of the points, and the
+    mean's error covers the mean."""
+    from pyrovae.ais import AISConvergenceWarning
+
+    x = lg10.sample_x(30, seed=4)
+    exact = lg10.log_px(x)
+    with pytest.warns(AISConvergenceWarning, match="has not converged at T=50"):
+        r = ais(_wrong_encoder(lg10), x, num_intermediate=50, leapfrog_steps=5, seed=0)
+    err = r.values - exact
+    assert float(err.mean()) < -0.3  # really biased
+    assert float((err.abs() > 3 * r.chain_stderr).double().mean()) >= 0.2  # the old error misses
+    assert r.converged is False and r.check_intermediate == 12
+    assert_close(r.discrepancy, r.values - r.values_check)
+    assert_close(r.total_stderr, (r.chain_stderr**2 + r.discrepancy**2).sqrt())
+    assert float((err.abs() > 3 * r.error).double().mean()) <= 0.1
+    assert abs(float(err.mean())) < 3 * r.mean_error
+    d = r.to_dict()
+    assert d["converged"] is False and d["mean_error"] == pytest.approx(r.mean_error)
+    assert "NOT CONVERGED" in str(r)
+
+
+def test_the_defensive_start_keeps_the_mass_a_wrong_encoder_misses(lg10):
+    """The same short schedule from the even mixture of the wrong encoder and the prior: its
+    mean error is a fraction of the encoder start's (the chains from the prior reach the
+    posterior), and the convergence check finds no significant trend."""
+    import warnings
+
+    x = lg10.sample_x(30, seed=4)
+    exact = lg10.log_px(x)
+    vae = _wrong_encoder(lg10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc = ais(vae, x, num_intermediate=50, leapfrog_steps=5, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no AISConvergenceWarning
+        mixed = ais(vae, x, num_intermediate=50, leapfrog_steps=5, start="defensive", seed=0)
+    assert abs(float((mixed.values - exact).mean())) < 0.3 * abs(float((enc.values - exact).mean()))
+    assert mixed.converged is True and mixed.start == "defensive"
+
+
+def test_a_converged_run_and_no_check(lg10):
+    """A good encoder at T = 200: converged, no warning, and the stated error still includes the
+    (small) discrepancy; without the check the error is the chains' alone and nothing is
+    claimed about convergence."""
+    import warnings
+
+    x = lg10.sample_x(10, seed=4)
+    vae = lg10.vae(lg10.best_diagonal_family())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = ais(vae, x, num_intermediate=200, leapfrog_steps=5, seed=0)
+    assert r.converged is True and "converged" in r.convergence
+    assert bool((r.error >= r.chain_stderr).all())
+    bare = ais(vae, x, num_intermediate=200, leapfrog_steps=5, seed=0, convergence_check=False)
+    assert bare.converged is None and bare.total_stderr is None and bare.check_intermediate == 0
+    assert torch.equal(bare.error, bare.chain_stderr)
+    assert torch.equal(bare.values, r.values)  # the check runs after, on its own draws
