@@ -74,7 +74,7 @@ from .priors import (
     flow_prior,
 )
 from . import distributed
-from .training import History, Objective, TrainState, fit, objective, train_step
+from .training import SVI, History, Objective, TrainState, fit, objective, train_step
 from .vae import VAE
 
 __version__ = "0.1.0"
@@ -84,6 +84,7 @@ __all__ = [
     "fit",
     "History",
     "TrainState",
+    "SVI",
     "train_step",
     "objective",
     "Objective",

@@ -1,16 +1,21 @@
 r"""Training by stochastic variational inference (AEVB, Kingma & Welling 2014).
 
-Three pieces, in the spirit of NumPyro's ``SVIState`` / ``SVI.update`` / ``SVI.run``:
+Three pieces, in the shape of NumPyro's ``SVIState`` / ``SVI`` / ``SVI.run``:
 
 - :class:`TrainState`: everything training needs to go on: the model and its optimizer, where
   training stands (epoch, minibatch), the :class:`History`, the running sums of the epoch in
   progress and the seed. :mod:`pyrovae.checkpoint` alone serializes it (tensors and plain data,
   read back with ``weights_only=True``), together with every random number generator's state.
-- :func:`train_step`: one SVI step, ``train_step(state, x, idx, objective) -> (state, loss)``.
-  It owns the loss, the gradient (all-reduced across processes under ``torchrun``), clipping and
-  the skipping of non-finite steps, on an accelerator without a host synchronization.
-- :func:`fit`: the loop: minibatches in a reproducible order, then hooks for progress,
-  checkpoints, validation and the user's callbacks. Resuming is loading a :class:`TrainState`.
+- :class:`SVI`: the :class:`Objective`, the optimizer and the rules of a step (clipping, the
+  bad-step guard, the process group), held once: ``svi.init(vae, seed) -> state`` and
+  ``svi.update(state, x, idx, kl_weight=w) -> (state, loss)``. A step owns the loss, the gradient
+  (all-reduced across processes under ``torchrun``), clipping and the skipping of non-finite
+  steps (one guard, :func:`_guard`), on an accelerator without a host synchronization.
+  :func:`train_step` is the same step with the settings passed per call.
+- :func:`fit`: checks its arguments, builds the :class:`SVI` and its state (fresh or resumed),
+  then runs a loop of epochs and minibatches calling :meth:`SVI.update`; its other jobs are
+  callbacks on that loop, in order: the learning-rate schedule, the progress bar, validation,
+  the user's hooks, checkpoints, SIGTERM.
 
 Each step draws a minibatch ``(x, idx)`` and evaluates a Pyro loss on ``vae.model`` and
 ``vae.guide`` (the ``"data"`` plate scales it to the whole training set, so it estimates the
@@ -36,6 +41,8 @@ SIGTERM (a scheduler's preemption) finishes the step in progress, writes a check
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import numbers
 import os
@@ -70,6 +77,7 @@ __all__ = [
     "Preempted",
     "EXIT_PREEMPTED",
     "objective",
+    "SVI",
     "train_step",
     "fit",
 ]
@@ -265,7 +273,7 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
 # ---------------------------------------------------------------------------------- train state
 @dataclass
 class TrainState:
-    """Where training stands; :func:`train_step` advances it, :mod:`pyrovae.checkpoint` saves it.
+    """Where training stands; :meth:`SVI.update` advances it, :mod:`pyrovae.checkpoint` saves it.
 
     :ivar vae: the model (its ``state_dict`` is the model state).
     :ivar optimizer: its optimizer (its ``state_dict`` is the optimizer state).
@@ -477,6 +485,191 @@ def _all_reduce_gradients(
     return flat[-1].to(value.dtype)
 
 
+def _guard(bad: Any, streak: Any, stopped: Any, max_bad_steps: int) -> tuple[Any, Any, Any]:
+    """The bad-step guard, the one place that decides: a step is skipped when it is bad (a
+    non-finite loss or gradient) or training has stopped; the streak counts bad steps in a row;
+    training stops once the streak reaches ``max_bad_steps``. Returns ``(skip, streak, stopped)``.
+
+    The same arithmetic serves Python numbers (where the host reads the flags: a CPU, and the
+    host's report) and device scalars (a GPU, with no host synchronization)."""
+    skip = bad | stopped
+    streak = (streak + 1) * bad  # 0 after a good step
+    return skip, streak, stopped | (streak >= max_bad_steps)
+
+
+def _default_optimizer(params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return _adam(params, 1e-3)
+
+
+class SVI:
+    r"""Stochastic variational inference: an :class:`Objective`, an optimizer and the rules of a
+    step (clipping, the bad-step guard, the process group), in the shape of NumPyro's ``SVI``:
+
+    .. code-block:: python
+
+        svi = SVI(objective(vae), lambda params: torch.optim.Adam(params, lr=1e-3))
+        state = svi.init(vae, seed=0)
+        state, loss = svi.update(state, x, idx, kl_weight=1.0)
+
+    A step differentiates the loss :math:`\hat{\mathcal L}` (an estimate of the whole training
+    set's negative objective); under ``torchrun`` the ranks' gradients are combined into the
+    gradient of the global minibatch (:func:`_all_reduce_gradients`). If the loss or a gradient
+    is not finite, or ``max_bad_steps`` such steps came in a row, the update is skipped
+    (:func:`_guard`): on an accelerator by the fused Adam on the device (its ``found_inf``), with
+    nothing read back to the host, so a GPU never waits; on a CPU, where reading a flag costs
+    nothing, by not calling the optimizer, with the running sums kept in Python numbers.
+    :meth:`report` tells the host about skipped steps later, in order.
+
+    :param objective: the :class:`Objective` (loss, model, guide, KL weight schedule).
+    :param optimizer: a function of the parameter list returning a ``torch.optim.Optimizer``
+        (default: Adam, ``lr=1e-3``, fused where available); :meth:`init` calls it.
+    :param clip_grad_norm: clip the total gradient 2-norm to this value every step.
+    :param max_bad_steps: non-finite steps in a row after which every update is skipped.
+    :param process_group: the process group (``None``: one process).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        *,
+        clip_grad_norm: float | None = None,
+        max_bad_steps: int = 5,
+        process_group: Any = None,
+    ) -> None:
+        self.objective = objective
+        self.optimizer = optimizer if optimizer is not None else _default_optimizer
+        self.clip_grad_norm = clip_grad_norm
+        self.max_bad_steps = max_bad_steps
+        self.process_group = process_group
+
+    def init(self, vae: Any, seed: int, *, history: History | None = None,
+             settings: dict[str, Any] | None = None) -> TrainState:
+        """A fresh :class:`TrainState` for ``vae``: its trainable parameters in a new optimizer,
+        epoch 0, an empty :class:`History` named after the objective."""
+        params = [p for p in vae.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError("the VAE has no trainable parameters")
+        history = history if history is not None else History(objective=self.objective.name)
+        return TrainState(vae, self.optimizer(params), seed, history=history,
+                          settings=dict(settings or {}))
+
+    def update(
+        self, state: TrainState, x: torch.Tensor, idx: torch.Tensor, *, kl_weight: float = 1.0,
+        batch_rows: int | None = None,
+    ) -> tuple[TrainState, torch.Tensor]:
+        r"""One SVI step on the minibatch ``(x, idx)``: loss, gradient, clipping, a guarded update.
+
+        :param state: the :class:`TrainState`; advanced in place and returned.
+        :param x: this process's rows, shape ``(b, num_features)``, on the model's device.
+        :param idx: their indices in the training set, shape ``(b,)``.
+        :param kl_weight: :math:`\beta` for this step, passed to model and guide.
+        :param batch_rows: rows of the global minibatch (default ``len(idx)``: one process).
+        :returns: ``(state, loss)``, the loss a device scalar (float64), NaN/inf for a bad step.
+        """
+        optimizer, objective = state.optimizer, self.objective
+        params = [p for group_ in optimizer.param_groups for p in group_["params"]]
+        rows = len(idx) if batch_rows is None else batch_rows
+        device = state.objective_sum.device
+        if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
+            value = torch.zeros((), dtype=torch.float64, device=device)
+        elif objective.differentiable is not None:  # Pyro's loss, or its proven direct evaluation
+            value_t = objective.differentiable(x, idx, kl_weight)
+            value_t.backward()
+            value = value_t.detach().to(torch.float64)
+        else:  # e.g. RenyiELBO: backpropagates inside (and returns a float, read on the host)
+            value = torch.tensor(
+                objective.loss.loss_and_grads(objective.model, objective.guide, x, idx,
+                                              **objective.kwargs(kl_weight)),
+                dtype=torch.float64, device=device,
+            )
+        if self.process_group is not None:
+            value = _all_reduce_gradients(params, value, len(idx) / rows, self.process_group)
+        if _sync_every(device) == 1:  # a device whose flags the host reads every step (a CPU)
+            loss_bad, bad = self._apply_on_host(state, params, value, rows)
+        else:
+            loss_bad, bad = self._apply_on_device(state, params, value, rows)
+        optimizer.zero_grad(set_to_none=True)
+        state.history.num_steps += 1
+        state.batch += 1
+        state.unreported.append((state.history.num_steps, state.epoch, value, loss_bad, bad))
+        return state, value
+
+    def _apply_on_host(self, state: TrainState, params: list[torch.Tensor], value: torch.Tensor,
+                       rows: int) -> tuple[bool, bool]:
+        """The guarded update with the flags read at once (a CPU, where that costs nothing): the
+        guard's decisions in Python numbers, three small tensor ops per step instead of ~25."""
+        v = float(value)
+        loss_bad = not math.isfinite(v)
+        # (a bad loss is skipped without looking at its gradient)
+        bad = loss_bad or bool(_nonfinite_gradient(params, self.clip_grad_norm))
+        skip, streak, stopped = _guard(bad, int(state.bad_streak), bool(state.stopped),
+                                       self.max_bad_steps)
+        if not skip:
+            state.optimizer.step()
+            # The loss estimates -objective of the whole training set: per datapoint, / num_data.
+            state.objective_sum += -v / state.vae.num_data * rows
+            state.datapoints += rows
+        state.bad_streak.fill_(streak)
+        if stopped:
+            state.stopped.fill_(True)
+        return loss_bad, bad
+
+    def _apply_on_device(self, state: TrainState, params: list[torch.Tensor], value: torch.Tensor,
+                         rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guarded update with the flags left on the device (nothing read by the host)."""
+        device, optimizer = value.device, state.optimizer
+        loss_bad = ~torch.isfinite(value)
+        bad = loss_bad | _nonfinite_gradient(params, self.clip_grad_norm).to(device)
+        skip, state.bad_streak, state.stopped = _guard(bad, state.bad_streak, state.stopped,
+                                                       self.max_bad_steps)
+        if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
+            optimizer.found_inf = skip.to(torch.float32)
+            optimizer.step()
+        elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag
+            optimizer.step()
+        # The loss estimates -objective of the whole training set: per datapoint, / num_data.
+        state.objective_sum = state.objective_sum + torch.where(
+            skip, 0.0, -value / state.vae.num_data * rows
+        ).to(state.objective_sum.dtype)
+        state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
+        return loss_bad, bad
+
+    def report(self, state: TrainState, checkpoint_dir: Path | None = None) -> None:
+        """Read the unreported steps' flags back to the host (one synchronization): warn for each
+        skipped step, count them, and raise :class:`TrainingError` at the step where
+        ``max_bad_steps`` came in a row (later steps were not applied)."""
+        if not state.unreported:
+            return
+        records, state.unreported = state.unreported, []
+        if isinstance(records[0][4], bool):  # flags already read by the host (a CPU)
+            flags = [(r[3], r[4]) for r in records]
+        else:
+            flags = torch.stack([torch.stack([r[3], r[4]]) for r in records]).tolist()
+        streak = state.reported_streak
+        for (step, epoch, value, _, _), (loss_bad, bad) in zip(records, flags):
+            _, streak, stop = _guard(bool(bad), streak, False, self.max_bad_steps)
+            if not bad:
+                continue
+            state.history.skipped_steps += 1
+            what = f"loss {float(value)}" if loss_bad else "a non-finite gradient"
+            warnings.warn(
+                f"step {step} (epoch {epoch + 1}) had {what}; its update was skipped ({streak} in "
+                f"a row, training stops at {self.max_bad_steps})",
+                NumericalWarning,
+                stacklevel=3,
+            )
+            if stop:
+                state.history.num_steps = step
+                where = f"; the last checkpoint in {checkpoint_dir} is intact" if checkpoint_dir else ""
+                raise TrainingError(
+                    f"{streak} steps in a row (up to step {step}) had a NaN or infinite loss or "
+                    f"gradient{where}; lower the learning rate "
+                    f"(lr={state.optimizer.param_groups[0]['lr']}) or set clip_grad_norm"
+                )
+        state.reported_streak = streak
+
+
 def train_step(
     state: TrainState,
     x: torch.Tensor,
@@ -489,136 +682,12 @@ def train_step(
     batch_rows: int | None = None,
     group: Any = None,
 ) -> tuple[TrainState, torch.Tensor]:
-    r"""One SVI step on the minibatch ``(x, idx)``: loss, gradient, clipping, a guarded update.
-
-    The loss :math:`\hat{\mathcal L}` (an estimate of the whole training set's negative objective)
-    is differentiated; under ``torchrun`` the gradients of the ranks' shards are combined into
-    the gradient of the global minibatch (:func:`_all_reduce_gradients`). If the loss or a
-    gradient is not finite, or ``max_bad_steps`` such steps came in a row, the update is
-    skipped: on an accelerator by the fused Adam on the device (its ``found_inf``), with nothing
-    read back to the host, so a GPU never waits; on a CPU, where the host reads the device's
-    flags every step anyway (``_SYNC_EVERY``), by not calling the optimizer, with the running
-    sums kept in Python numbers (:func:`_update_on_host`). :func:`fit` reports skipped steps
-    later, in order.
-
-    :param state: the :class:`TrainState`; advanced in place and returned.
-    :param x: this process's rows, shape ``(b, num_features)``, on the model's device.
-    :param idx: their indices in the training set, shape ``(b,)``.
-    :param objective: the :class:`Objective` (loss, model, guide).
-    :param kl_weight: :math:`\beta` for this step, passed to model and guide.
-    :param clip_grad_norm: clip the total gradient 2-norm to this value.
-    :param max_bad_steps: non-finite steps in a row after which every update is skipped.
-    :param batch_rows: rows of the global minibatch (default ``len(idx)``: one process).
-    :param group: the process group (``None``: one process).
-    :returns: ``(state, loss)``, the loss a device scalar (float64), NaN/inf for a bad step.
-    """
-    vae, optimizer = state.vae, state.optimizer
-    params = [p for group_ in optimizer.param_groups for p in group_["params"]]
-    rows = len(idx) if batch_rows is None else batch_rows
-    device = state.objective_sum.device
-    loss = objective.loss
-    if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
-        value = torch.zeros((), dtype=torch.float64, device=device)
-    elif objective.differentiable is not None:  # Pyro's loss, or its proven direct evaluation
-        value_t = objective.differentiable(x, idx, kl_weight)
-        value_t.backward()
-        value = value_t.detach().to(torch.float64)
-    else:  # e.g. RenyiELBO: backpropagates inside (and returns a float, read on the host)
-        value = torch.tensor(
-            loss.loss_and_grads(objective.model, objective.guide, x, idx,
-                                **objective.kwargs(kl_weight)),
-            dtype=torch.float64, device=device,
-        )
-    if group is not None:
-        value = _all_reduce_gradients(params, value, len(idx) / rows, group)
-    if _sync_every(device) == 1:  # a device whose flags the host reads every step (a CPU)
-        loss_bad, bad = _update_on_host(state, params, value, rows, clip_grad_norm, max_bad_steps)
-    else:
-        loss_bad = ~torch.isfinite(value)
-        bad = loss_bad | _nonfinite_gradient(params, clip_grad_norm).to(device)
-        skip = bad | state.stopped
-        if optimizer.defaults.get("fused"):  # the fused Adam skips the update on the device
-            optimizer.found_inf = skip.to(torch.float32)
-            optimizer.step()
-        elif not bool(skip):  # an optimizer that cannot skip on the device: read the flag
-            optimizer.step()
-        # The loss estimates -objective of the whole training set: per datapoint, / num_data.
-        state.objective_sum = state.objective_sum + torch.where(
-            skip, 0.0, -value / vae.num_data * rows
-        ).to(state.objective_sum.dtype)
-        state.datapoints = state.datapoints + (~skip).to(torch.int64) * rows
-        state.bad_streak = torch.where(bad, state.bad_streak + 1, 0)
-        state.stopped = state.stopped | (state.bad_streak >= max_bad_steps)
-    optimizer.zero_grad(set_to_none=True)
-    state.history.num_steps += 1
-    state.batch += 1
-    state.unreported.append((state.history.num_steps, state.epoch, value, loss_bad, bad))
-    return state, value
-
-
-def _update_on_host(
-    state: TrainState,
-    params: list[torch.Tensor],
-    value: torch.Tensor,
-    rows: int,
-    clip_grad_norm: float | None,
-    max_bad_steps: int,
-) -> tuple[bool, bool]:
-    """:func:`train_step`'s guarded update and running sums where the host reads the step's
-    flags at once (a CPU, where reading costs nothing): the same decisions as on a device, made in
-    Python numbers, so a step costs three small tensor ops here instead of about twenty-five.
-    Returns the step's flags ``(loss_bad, bad)``."""
-    v = float(value)
-    loss_bad = not math.isfinite(v)
-    # (a bad loss is skipped without looking at its gradient)
-    bad = loss_bad or bool(_nonfinite_gradient(params, clip_grad_norm))
-    stopped = bool(state.stopped)
-    if not (bad or stopped):
-        state.optimizer.step()
-        # The loss estimates -objective of the whole training set: per datapoint, / num_data.
-        state.objective_sum += -v / state.vae.num_data * rows
-        state.datapoints += rows
-    streak = int(state.bad_streak) + 1 if bad else 0
-    state.bad_streak.fill_(streak)
-    if streak >= max_bad_steps:
-        state.stopped.fill_(True)
-    return loss_bad, bad
-
-
-def _report(state: TrainState, max_bad_steps: int, ckpt_dir: Path | None) -> None:
-    """Read the unreported steps' flags back to the host (one synchronization): warn for each
-    skipped step, count them, and raise :class:`TrainingError` at the step where
-    ``max_bad_steps`` came in a row (later steps were not applied)."""
-    if not state.unreported:
-        return
-    records, state.unreported = state.unreported, []
-    if isinstance(records[0][4], bool):  # flags already read by the host (a CPU)
-        flags = [(r[3], r[4]) for r in records]
-    else:
-        flags = torch.stack([torch.stack([r[3], r[4]]) for r in records]).tolist()
-    streak = state.reported_streak
-    for (step, epoch, value, _, _), (loss_bad, bad) in zip(records, flags):
-        if not bad:
-            streak = 0
-            continue
-        streak += 1
-        state.history.skipped_steps += 1
-        what = f"loss {float(value)}" if loss_bad else "a non-finite gradient"
-        warnings.warn(
-            f"step {step} (epoch {epoch + 1}) had {what}; its update was skipped ({streak} in a "
-            f"row, training stops at {max_bad_steps})",
-            NumericalWarning,
-            stacklevel=3,
-        )
-        if streak >= max_bad_steps:
-            state.history.num_steps = step
-            where = f"; the last checkpoint in {ckpt_dir} is intact" if ckpt_dir else ""
-            raise TrainingError(
-                f"{streak} steps in a row (up to step {step}) had a NaN or infinite loss or "
-                f"gradient{where}; lower the learning rate "
-                f"(lr={state.optimizer.param_groups[0]['lr']}) or set clip_grad_norm"
-            )
-    state.reported_streak = streak
+    """One SVI step: ``SVI(objective, clip_grad_norm=..., max_bad_steps=...,
+    process_group=group).update(state, x, idx, kl_weight=..., batch_rows=...)`` (see
+    :meth:`SVI.update`; the optimizer is the state's). Kept for code written before :class:`SVI`."""
+    svi = SVI(objective, clip_grad_norm=clip_grad_norm, max_bad_steps=max_bad_steps,
+              process_group=group)
+    return svi.update(state, x, idx, kl_weight=kl_weight, batch_rows=batch_rows)
 
 
 def _scheduled_lr(schedule: Callable[[int], float], epoch: int) -> float:
@@ -650,25 +719,7 @@ def _gather(dataset: Any, indices: torch.Tensor, device: torch.device) -> tuple[
     return x.to(device, non_blocking=True), idx.to(device, non_blocking=True)
 
 
-class _SignalFlag:
-    """Turn SIGTERM into a flag that the loop checks between steps (main thread only)."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.raised, self._old = enabled, False, None
-
-    def __enter__(self) -> _SignalFlag:
-        if self.enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
+# ------------------------------------------------------------------------------- fit's callbacks
 class Callback(Protocol):
     """A hook of :func:`fit` (both methods optional). ``on_epoch_end`` runs after the epoch's
     history entry and validation, before its checkpoint; under ``torchrun`` on rank 0 only."""
@@ -676,6 +727,43 @@ class Callback(Protocol):
     def on_step_end(self, state: TrainState) -> None: ...
 
     def on_epoch_end(self, state: TrainState) -> None: ...
+
+
+class _Hook:
+    """One of :func:`fit`'s jobs, as a callback on its loop (every method optional):
+    ``on_epoch_start`` before an epoch's first step, ``on_step_end`` after each step,
+    ``on_epoch_end`` once the epoch's history entry is written (the state still at that epoch),
+    ``after_epoch`` once the state stands at the next epoch's start (where a checkpoint resumes).
+    Entered as a context manager around the loop."""
+
+    def __enter__(self) -> _Hook:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        pass
+
+    def on_step_end(self, state: TrainState) -> None:
+        pass
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        pass
+
+    def after_epoch(self, state: TrainState) -> None:
+        pass
+
+
+class _UserHook(_Hook):
+    """A user's :class:`Callback`, whichever of its two methods it has."""
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+        if hasattr(hook, "on_step_end"):
+            self.on_step_end = hook.on_step_end  # type: ignore[method-assign]
+        if hasattr(hook, "on_epoch_end"):
+            self.on_epoch_end = hook.on_epoch_end  # type: ignore[method-assign]
 
 
 class _EpochEndFunction:
@@ -688,12 +776,159 @@ class _EpochEndFunction:
         self.fn(state.epoch + 1, state.history)
 
 
+class _LearningRate(_Hook):
+    """Sets each epoch's rate from the schedule at the epoch's start (also after a resume)."""
+
+    def __init__(self, schedule: Callable[[int], float]) -> None:
+        self.schedule = schedule
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        rate = _scheduled_lr(self.schedule, state.epoch)
+        for group_ in state.optimizer.param_groups:
+            group_["lr"] = rate
+
+
+class _Progress(_Hook):
+    """A tqdm bar per epoch, with the running objective per datapoint every 10th step the host
+    reads anyway."""
+
+    def __init__(self, num_epochs: int, steps_per_epoch: int, sync_every: int) -> None:
+        self.num_epochs, self.steps, self.sync_every = num_epochs, steps_per_epoch, sync_every
+        self.bar: Any = None
+
+    def on_epoch_start(self, state: TrainState) -> None:
+        self.bar = tqdm(desc=f"epoch {state.epoch + 1}/{self.num_epochs}", leave=False,
+                        unit="batch", total=self.steps, initial=state.batch)
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.bar.update(1)
+        step = state.history.num_steps
+        if step % self.sync_every == 0 and step % 10 == 0:
+            count = int(state.datapoints)
+            if count:
+                self.bar.set_postfix(objective=f"{float(state.objective_sum) / count:.2f}")
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        self.__exit__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class _Validation(_Hook):
+    """The validation ELBO per datapoint (``β = 1``) after each epoch, measured on rank 0."""
+
+    def __init__(self, vae: Any, data: Any, group: Any, main: bool) -> None:
+        self.vae, self.data, self.group, self.main = vae, data, group, main
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        value = elbo_estimate(self.vae, self.data, 1).mean if self.main else None
+        if self.group is not None:
+            value = distributed._broadcast_object(value, self.group)
+        state.history.validation_elbo[-1] = value
+        self.vae.train()
+
+
+class _Checkpoints(_Hook):
+    """Writes the :class:`TrainState` atomically after every epoch and every ``every`` steps
+    mid-epoch: rank 0 writes, with every rank's RNG states; every rank learns whether it worked
+    (a full disk stops all of them with the same error)."""
+
+    def __init__(self, svi: SVI, folder: Path, config: Any, every: int | None,
+                 steps_per_epoch: int) -> None:
+        self.svi, self.folder, self.config = svi, folder, config
+        self.every, self.steps_per_epoch = every, steps_per_epoch
+        self.saved_at: int | None = None
+
+    def save(self, state: TrainState) -> None:
+        """Write the checkpoint of the state as it stands (once per step)."""
+        if self.saved_at == state.history.num_steps:
+            return
+        self.svi.report(state, self.folder)
+        group = self.svi.process_group
+        rngs = distributed._gather_objects(_rng_state(), group) if group else [_rng_state()]
+        problem = None
+        if group is None or distributed.is_main(group):
+            from . import checkpoint
+
+            try:
+                checkpoint.save_train_state(self.folder, state, config=self.config, rng=rngs)
+            except CheckpointError as e:
+                problem = str(e)
+        if group is not None:
+            problem = distributed._broadcast_object(problem, group)
+        if problem is not None:
+            raise CheckpointError(problem)
+        self.saved_at = state.history.num_steps
+
+    def on_step_end(self, state: TrainState) -> None:
+        mid_epoch = state.batch < self.steps_per_epoch
+        if mid_epoch and self.every and state.history.num_steps % self.every == 0:
+            self.save(state)
+
+    def after_epoch(self, state: TrainState) -> None:
+        self.save(state)
+
+
+class _Preemption(_Hook):
+    """SIGTERM (a scheduler's preemption): the step in progress finishes, a checkpoint is
+    written, :class:`Preempted` is raised. Under ``torchrun`` the ranks vote at the steps where
+    the host reads the device's flags, so all stop at the same step."""
+
+    def __init__(self, checkpoints: _Checkpoints, sync_every: int, device: torch.device) -> None:
+        self.checkpoints, self.sync_every, self.device = checkpoints, sync_every, device
+        self.raised = self.stop = False
+        self._old: Any = None
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def _requested(self) -> bool:
+        group = self.checkpoints.svi.process_group
+        if group is None:
+            return self.raised
+        votes = torch.tensor([float(self.raised)], device=self.device)
+        distributed._all_reduce_sum(votes, group)
+        return bool(votes.item())
+
+    def on_step_end(self, state: TrainState) -> None:
+        if state.history.num_steps % self.sync_every == 0:
+            self.stop = self._requested()
+        if self.stop and state.batch < self.checkpoints.steps_per_epoch:
+            self.checkpoints.save(state)
+            raise self._preempted(state)
+
+    def after_epoch(self, state: TrainState) -> None:  # after the epoch's checkpoint
+        if self.stop or self._requested():
+            raise self._preempted(state)
+
+    def _preempted(self, state: TrainState) -> Preempted:
+        folder = self.checkpoints.folder
+        return Preempted(
+            f"stopped on SIGTERM after step {state.history.num_steps} (epoch {state.epoch + 1}, "
+            f"minibatch {state.batch}); checkpoint {folder / 'checkpoint.pt'}; continue with "
+            f"fit(..., resume={str(folder)!r})",
+            folder / "checkpoint.pt",
+        )
+
+
 def _resume(
-    resume: Any, ckpt_dir: Path | None, vae: Any, optimizer: torch.optim.Optimizer,
-    settings: dict[str, Any], rank: int,
+    resume: Any, ckpt_dir: Path | None, fresh: TrainState, settings: dict[str, Any], rank: int,
 ) -> tuple[Path, TrainState]:
-    """Load the checkpoint named by ``resume`` into ``vae`` and ``optimizer`` and return its
-    :class:`TrainState`, after checking it can continue this run; restore this rank's RNGs."""
+    """Load the checkpoint named by ``resume`` into ``fresh``'s model and optimizer and return
+    its :class:`TrainState`, after checking it can continue this run; restore this rank's RNGs."""
     from .checkpoint import checkpoint_path, load_train_state
 
     if resume is True:
@@ -706,7 +941,7 @@ def _resume(
         raise ConfigError(
             f"resume must be True, False/None or a path to a run folder or checkpoint, got {resume!r}"
         )
-    state = load_train_state(path, vae=vae, optimizer=optimizer)
+    state = load_train_state(path, vae=fresh.vae, optimizer=fresh.optimizer)
     saved = state.settings
     if saved.get("num_data") != settings["num_data"]:
         raise CheckpointError(
@@ -724,6 +959,9 @@ def _resume(
     else:  # another number of processes: same data order, fresh latent noise on the new ranks
         pyro.set_rng_seed(_rank_seed((state.seed + state.history.num_steps) % 2**32, rank))
     state.settings = settings
+    state.history.resumed_at_step.append(state.history.num_steps)
+    if not state.history.objective or not state.history.train_objective:
+        state.history.objective = fresh.history.objective
     return path, state
 
 
@@ -820,6 +1058,7 @@ def fit(
     The optimizer is one ``torch.optim.Adam`` over all parameters (Pyro's ``pyro.optim.Adam``
     keeps one optimizer per tensor and is slower); the loss is Pyro's.
     """
+    # 1. The arguments, checked at the boundary: nothing is set up or written before they pass.
     num_epochs = check_positive_int(num_epochs, "num_epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     lr_schedule = lr if callable(lr) else None
@@ -835,8 +1074,8 @@ def fit(
         raise ConfigError(f"seed must be a non-negative integer or None, got {seed!r}")
     if on_epoch_end is not None and not callable(on_epoch_end):
         raise ConfigError(f"on_epoch_end must be callable, got {type(on_epoch_end).__name__}")
-    hooks = list(callbacks) + ([_EpochEndFunction(on_epoch_end)] if on_epoch_end else [])
-    for hook in hooks:
+    user_hooks = list(callbacks) + ([_EpochEndFunction(on_epoch_end)] if on_epoch_end else [])
+    for hook in user_hooks:
         if not (hasattr(hook, "on_step_end") or hasattr(hook, "on_epoch_end")):
             raise ConfigError(
                 f"callbacks must have on_step_end(state) or on_epoch_end(state), got {type(hook).__name__}"
@@ -860,17 +1099,17 @@ def fit(
     ):
         raise ConfigError(f"vae must be a pyrovae.VAE, got {type(vae).__name__}")
     obj = objective(vae, loss, beta=beta, kl_warmup_epochs=kl_warmup_epochs, compile=compile)
-    num_data = getattr(vae, "num_data", None)
     train_set = as_dataset(train, "train")
-    if num_data != len(train_set):
+    n = len(train_set)
+    if getattr(vae, "num_data", None) != n:
         raise ConfigError(
-            f"the VAE was built with num_data={num_data} but train has {len(train_set)} "
-            f"datapoints; build it with num_data={len(train_set)} so the plate scales correctly"
+            f"the VAE was built with num_data={getattr(vae, 'num_data', None)} but train has {n} "
+            f"datapoints; build it with num_data={n} so the plate scales correctly"
         )
-    if batch_size > len(train_set):
+    if batch_size > n:
         raise ConfigError(
-            f"batch_size={batch_size} is larger than the {len(train_set)} training datapoints; "
-            f"use batch_size <= {len(train_set)}"
+            f"batch_size={batch_size} is larger than the {n} training datapoints; "
+            f"use batch_size <= {n}"
         )
     device = distributed.local_device(_resolve_device(vae, device))
     group = distributed.process_group(process_group, device)
@@ -878,54 +1117,30 @@ def fit(
     main = rank == 0
     vae.to(device)
     _check_dataset(vae, train_set, "train", device)
-    valid_set = None
-    if validation is not None:
-        from .families import capability
+    valid_set = None if validation is None else _validation_set(vae, validation, device)
 
-        if capability(vae.family, "per_datapoint"):
-            raise ConfigError(
-                f"validation data cannot be scored by {type(vae.family).__name__}, which holds "
-                "parameters only for the training datapoints (per_datapoint = True): a held-out "
-                "point's ELBO needs its own fitted parameters; train without validation= and "
-                "score held-out data afterwards with pyrovae.elbo(vae, data, local='fit')"
-            )
-        valid_set = as_dataset(validation, "validation")
-        _check_dataset(vae, valid_set, "validation", device)
-
+    # 2. The SVI and its state, fresh or resumed.
     if seed is not None:
         pyro.set_rng_seed(_rank_seed(seed, rank))
     run_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
     if group is not None and seed is None:
         run_seed = distributed._broadcast_object(run_seed, group)
         pyro.set_rng_seed(_rank_seed(run_seed % 2**32, rank))
-
-    params = [p for p in vae.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("the VAE has no trainable parameters")
-    optimizer = _adam(params, lr, 1e-8 if adam_eps is None else adam_eps)
-    if config is None:
-        config = getattr(vae, "config", None)
-
-    n = len(train_set)
-    steps_per_epoch = math.ceil(n / batch_size)
+    svi = SVI(obj, functools.partial(_adam, lr=lr, eps=1e-8 if adam_eps is None else adam_eps),
+              clip_grad_norm=clip_grad_norm, max_bad_steps=max_bad_steps, process_group=group)
     settings = {"batch_size": batch_size, "num_data": n, "loss": type(obj.loss).__name__,
                 "world_size": world}
+    state = svi.init(vae, run_seed, settings=settings)
     if resume not in (None, False):
-        resume_path, state = _resume(resume, ckpt_dir, vae, optimizer, settings, rank)
-        if ckpt_dir is None:
-            ckpt_dir = resume_path.parent
-        state.history.resumed_at_step.append(state.history.num_steps)
-        if not state.history.objective or not state.history.train_objective:
-            state.history.objective = obj.name
-    else:
-        state = TrainState(vae, optimizer, run_seed, history=History(objective=obj.name),
-                           settings=settings)
-        if group is not None:
-            distributed._broadcast_module(vae, group)
+        resume_path, state = _resume(resume, ckpt_dir, state, settings, rank)
+        ckpt_dir = ckpt_dir if ckpt_dir is not None else resume_path.parent
+    elif group is not None:
+        distributed._broadcast_module(vae, group)
     state.to(device)
     if adam_eps is not None:  # also over a resumed optimizer's saved eps
-        for group_ in optimizer.param_groups:
+        for group_ in state.optimizer.param_groups:
             group_["eps"] = adam_eps
+    config = config if config is not None else getattr(vae, "config", None)
     if ckpt_dir is not None and main:
         from .checkpoint import _remove_stale_temporaries, save_config
 
@@ -934,116 +1149,98 @@ def fit(
         if config is not None:
             save_config(ckpt_dir, config)
 
-    def write_checkpoint() -> None:
-        """Rank 0 writes the :class:`TrainState` with every rank's RNG states; every rank
-        learns whether it worked (a full disk stops all of them with the same error)."""
-        if ckpt_dir is None:
-            return
-        _report(state, max_bad_steps, ckpt_dir)
-        rngs = distributed._gather_objects(_rng_state(), group) if group else [_rng_state()]
-        problem = None
-        if main:
-            from . import checkpoint
+    # 3. The jobs, as callbacks on the loop, in the order they run. The host reads the device's
+    # step flags every `sync_every` steps (at once on a CPU), and before every checkpoint.
+    sync_every, steps_per_epoch = _sync_every(device), math.ceil(n / batch_size)
+    hooks: list[_Hook] = []
+    if lr_schedule is not None:
+        hooks.append(_LearningRate(lr_schedule))
+    if progress and main:
+        hooks.append(_Progress(num_epochs, steps_per_epoch, sync_every))
+    if valid_set is not None:
+        hooks.append(_Validation(vae, valid_set, group, main))
+    if main:
+        hooks += [_UserHook(hook) for hook in user_hooks]
+    if ckpt_dir is not None:
+        checkpoints = _Checkpoints(svi, ckpt_dir, config, checkpoint_every_steps, steps_per_epoch)
+        hooks += [checkpoints, _Preemption(checkpoints, sync_every, device)]
 
-            try:
-                checkpoint.save_train_state(ckpt_dir, state, config=config, rng=rngs)
-            except CheckpointError as e:
-                problem = str(e)
-        if group is not None:
-            problem = distributed._broadcast_object(problem, group)
-        if problem is not None:
-            raise CheckpointError(problem)
+    # 4. The loop.
+    return _run(svi, state, train_set, hooks, num_epochs=num_epochs, batch_size=batch_size,
+                sync_every=sync_every, checkpoint_dir=ckpt_dir)
 
-    def stop_requested(flag: _SignalFlag) -> bool:
-        if group is None:
-            return flag.raised
-        votes = torch.tensor([float(flag.raised)], device=device)
-        distributed._all_reduce_sum(votes, group)
-        return bool(votes.item())
 
-    def preempted() -> Preempted:
-        where = f"; checkpoint {ckpt_dir / 'checkpoint.pt'}" if ckpt_dir else ""
-        return Preempted(
-            f"stopped on SIGTERM after step {state.history.num_steps} (epoch {state.epoch + 1}, "
-            f"minibatch {state.batch}){where}; continue with fit(..., resume={str(ckpt_dir)!r})",
-            ckpt_dir / "checkpoint.pt" if ckpt_dir else None,
-        )
-
-    # The host reads the device's step flags every `sync_every` steps (at once on a CPU, where
-    # that costs nothing), and before every checkpoint and epoch end.
-    sync_every = _sync_every(device)
-    vae.train()
-    with _SignalFlag(ckpt_dir is not None) as sigterm:
+def _run(svi: SVI, state: TrainState, data: Any, hooks: list[_Hook], *, num_epochs: int,
+         batch_size: int, sync_every: int, checkpoint_dir: Path | None) -> History:
+    """:func:`fit`'s loop: epochs of minibatches in a reproducible order, one :meth:`SVI.update`
+    each, the callbacks between them."""
+    group, device = svi.process_group, state.objective_sum.device
+    rank, world = (distributed.rank(group), distributed.world_size(group)) if group else (0, 1)
+    n = len(data)
+    steps_per_epoch = math.ceil(n / batch_size)
+    state.vae.train()
+    with contextlib.ExitStack() as entered:
+        for hook in hooks:
+            entered.enter_context(hook)
         for epoch in range(state.epoch, num_epochs):
             if state.epoch != epoch or state.batch == 0:
                 state.start_epoch(epoch)
-            if lr_schedule is not None:  # the epoch's rate, also after a resume mid-epoch
-                rate = _scheduled_lr(lr_schedule, epoch)
-                for group_ in optimizer.param_groups:
-                    group_["lr"] = rate
-            first = state.batch
+            for hook in hooks:
+                hook.on_epoch_start(state)
+            start = time.perf_counter() - state.seconds
             # Minibatches are gathered directly (a DataLoader iterator would draw a seed from the
             # global RNG at each epoch's start, which a mid-epoch resume could not replay).
-            order = _epoch_order(n, state.seed, epoch).split(batch_size)[first:]
-            start = time.perf_counter() - state.seconds
-            bar = tqdm(order, desc=f"epoch {epoch + 1}/{num_epochs}", disable=not (progress and main),
-                       leave=False, unit="batch", total=steps_per_epoch, initial=first)
-            stop = False
+            order = _epoch_order(n, state.seed, epoch).split(batch_size)[state.batch:]
             with pyro.validation_enabled(False), warnings.catch_warnings():
                 # Pyro's own "Encountered NaN" warnings repeat the NumericalWarning of the step.
                 warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
-                for batch in bar:
-                    x, idx = _gather(train_set, distributed.shard(batch, rank, world), device)
+                for batch in order:
+                    x, idx = _gather(data, distributed.shard(batch, rank, world), device)
                     # Warm-up counts this step as done, so the first weight is > 0.
-                    w = obj.kl_weight(epoch + (state.batch + 1) / steps_per_epoch)
-                    train_step(state, x, idx, obj, kl_weight=w, clip_grad_norm=clip_grad_norm,
-                               max_bad_steps=max_bad_steps, batch_rows=len(batch), group=group)
-                    synced = state.history.num_steps % sync_every == 0
-                    if synced:
-                        _report(state, max_bad_steps, ckpt_dir)
-                        stop = stop_requested(sigterm)
-                        if progress and main and state.history.num_steps % 10 == 0:
-                            count = int(state.datapoints)
-                            if count:
-                                bar.set_postfix(objective=f"{float(state.objective_sum) / count:.2f}")
+                    w = svi.objective.kl_weight(epoch + (state.batch + 1) / steps_per_epoch)
+                    svi.update(state, x, idx, kl_weight=w, batch_rows=len(batch))
+                    state.seconds = time.perf_counter() - start
+                    if state.history.num_steps % sync_every == 0:
+                        svi.report(state, checkpoint_dir)
                     for hook in hooks:
-                        if main and hasattr(hook, "on_step_end"):
-                            hook.on_step_end(state)
-                    mid_epoch = state.batch < steps_per_epoch
-                    every = checkpoint_every_steps
-                    if mid_epoch and (stop or (every and state.history.num_steps % every == 0)):
-                        state.seconds = time.perf_counter() - start
-                        write_checkpoint()
-                    if stop and mid_epoch:
-                        bar.close()
-                        raise preempted()
-            bar.close()
-            _report(state, max_bad_steps, ckpt_dir)
-            history = state.history
-            history.epoch_seconds.append(time.perf_counter() - start)
-            count = int(state.datapoints)
-            history.train_objective.append(float(state.objective_sum) / count if count else math.nan)
-            if valid_set is not None:
-                value = elbo_estimate(vae, valid_set, 1).mean if main else None
-                history.validation_elbo.append(
-                    distributed._broadcast_object(value, group) if group else value
-                )
-                vae.train()
-            else:
-                history.validation_elbo.append(None)
-            if not math.isfinite(history.train_objective[-1]):
-                raise TrainingError(
-                    f"the training objective became {history.train_objective[-1]} in epoch "
-                    f"{epoch + 1}; lower the learning rate"
-                )
+                        hook.on_step_end(state)
+            svi.report(state, checkpoint_dir)
+            _close_epoch(state, time.perf_counter() - start)
             for hook in hooks:
-                if main and hasattr(hook, "on_epoch_end"):
-                    hook.on_epoch_end(state)
+                hook.on_epoch_end(state)
             state.start_epoch(epoch + 1)
-            write_checkpoint()
-            if stop or stop_requested(sigterm):
-                raise preempted()
+            for hook in hooks:
+                hook.after_epoch(state)
     return state.history
+
+
+def _close_epoch(state: TrainState, seconds: float) -> None:
+    """The epoch's :class:`History` entry (the validation ELBO ``None`` until measured)."""
+    history, count = state.history, int(state.datapoints)
+    history.epoch_seconds.append(seconds)
+    history.train_objective.append(float(state.objective_sum) / count if count else math.nan)
+    history.validation_elbo.append(None)
+    if not math.isfinite(history.train_objective[-1]):
+        raise TrainingError(
+            f"the training objective became {history.train_objective[-1]} in epoch "
+            f"{state.epoch + 1}; lower the learning rate"
+        )
+
+
+def _validation_set(vae: Any, validation: Any, device: torch.device) -> Any:
+    """``validation=`` as a checked data set."""
+    from .families import capability
+
+    if capability(vae.family, "per_datapoint"):
+        raise ConfigError(
+            f"validation data cannot be scored by {type(vae.family).__name__}, which holds "
+            "parameters only for the training datapoints (per_datapoint = True): a held-out "
+            "point's ELBO needs its own fitted parameters; train without validation= and "
+            "score held-out data afterwards with pyrovae.elbo(vae, data, local='fit')"
+        )
+    valid_set = as_dataset(validation, "validation")
+    _check_dataset(vae, valid_set, "validation", device)
+    return valid_set
 
 
 #: Steps between host reads of the device's step flags, by device type.

@@ -77,7 +77,7 @@ def test_interrupted_mid_epoch_resumes_from_step_checkpoint(
     of step 80 survives, and `--resume RUN` (nothing else) finishes the run exactly."""
     from pyrovae import training
 
-    real = training.train_step
+    real = training.SVI.update
     calls = [0]
 
     def interrupted(*args, **kwargs):
@@ -87,9 +87,9 @@ def test_interrupted_mid_epoch_resumes_from_step_checkpoint(
         return real(*args, **kwargs)
 
     run = tmp_path / "run"
-    monkeypatch.setattr(training, "train_step", interrupted)
+    monkeypatch.setattr(training.SVI, "update", interrupted)
     assert _train("--epochs", "3", "--checkpoint-every-steps", "10", "--out", str(run)) == 130
-    monkeypatch.setattr(training, "train_step", real)
+    monkeypatch.setattr(training.SVI, "update", real)
     assert "interrupted" in capsys.readouterr().err
     state = read_checkpoint(run)["training_state"]
     assert (state["epoch"], state["batch"]) == (1, 80 - STEPS_PER_EPOCH)

@@ -259,6 +259,78 @@ def test_train_step_alone_skips_bad_steps_and_stops_after_a_streak(sync_every, m
         False, True, False, True, True, True, False, False]
 
 
+# ------------------------------------------------------------------------------------------ SVI
+def test_svi_by_hand_is_fit() -> None:
+    """SVI.init and SVI.update by hand, over fit's minibatch order with fit's KL weights, end
+    with fit's parameters and training objective, bit for bit: fit adds callbacks, no arithmetic;
+    train_step is SVI.update."""
+    whole, data = _setup()
+    hist = fit(whole, data, num_epochs=2, batch_size=16, progress=False, seed=4, beta=0.5,
+               clip_grad_norm=5.0)
+    for by_hand in ("svi", "train_step"):
+        vae, _ = _setup()
+        obj = objective(vae, Trace_ELBO(), beta=0.5)
+        svi = training.SVI(obj, lambda params: training._adam(params, 1e-3), clip_grad_norm=5.0)
+        pyro.set_rng_seed(4)
+        state = svi.init(vae, seed=4)
+        vae.train()
+        means = []
+        for epoch in range(2):
+            state.start_epoch(epoch)
+            for batch in training._epoch_order(N, 4, epoch).split(16):
+                w = obj.kl_weight(epoch + (state.batch + 1) / (N // 16))
+                if by_hand == "svi":
+                    state, _ = svi.update(state, data[batch], batch, kl_weight=w)
+                else:
+                    state, _ = train_step(state, data[batch], batch, obj, kl_weight=w,
+                                          clip_grad_norm=5.0)
+            means.append(float(state.objective_sum) / int(state.datapoints))
+        assert all(torch.equal(v, _params(whole)[k]) for k, v in _params(vae).items()), by_hand
+        assert means == hist.train_objective
+        assert state.history.num_steps == hist.num_steps == 2 * N // 16
+
+
+def test_one_guard_for_host_numbers_and_device_scalars() -> None:
+    """The bad-step guard decides alike on Python numbers (a CPU, the host's report) and on
+    device scalars: skip a bad step, count the streak, stop at max_bad_steps and skip from then."""
+    flags = [False, True, True, False, True, True, True, False]
+    host = (0, False)
+    device = (torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.bool))
+    seen = []
+    for bad in flags:
+        skip, *host = training._guard(bad, *host, 3)
+        skip_d, *device = training._guard(torch.tensor(bad), *device, 3)
+        assert (bool(skip_d), int(device[0]), bool(device[1])) == (skip, *host)
+        seen.append((skip, *host))
+    assert seen == [(False, 0, False), (True, 1, False), (True, 2, False), (False, 0, False),
+                    (True, 1, False), (True, 2, False), (True, 3, True), (True, 0, True)]
+
+
+def test_fit_runs_its_jobs_in_order(tmp_path: Path) -> None:
+    """An epoch's end: the schedule's rate was set at its start; the user's on_epoch_end sees
+    the finished epoch (state.epoch) with its validation ELBO, before that epoch's checkpoint.
+    A step's end: the user's on_step_end runs before the step's checkpoint (every 2 steps)."""
+    vae, data = _setup()
+    seen, steps = [], []
+    ckpt = tmp_path / "run" / CHECKPOINT_NAME
+
+    class Probe:
+        def on_step_end(self, state: TrainState) -> None:
+            steps.append(read_checkpoint(ckpt)["history"]["num_steps"] if ckpt.exists() else 0)
+
+        def on_epoch_end(self, state: TrainState) -> None:
+            saved = read_checkpoint(ckpt)["history"]["num_steps"] if ckpt.exists() else 0
+            seen.append((state.epoch, state.history.validation_elbo[-1] is not None, saved,
+                         state.optimizer.param_groups[0]["lr"]))
+
+    fit(vae, data, num_epochs=2, batch_size=16, progress=False, validation=data[:8],
+        lr=lambda e: 1e-3 * (e + 1), checkpoint_dir=tmp_path / "run", checkpoint_every_steps=2,
+        callbacks=[Probe()])
+    assert seen == [(0, True, 2, 1e-3), (1, True, 6, 2e-3)]
+    assert steps == [0, 0, 2, 2, 4, 4, 6, 6]  # saved at 2 and 6 (mid-epoch), 4 and 8 (epoch ends)
+    assert read_checkpoint(ckpt)["history"]["num_steps"] == 2 * N // 16
+
+
 # ------------------------------------------------------------------------------------ full disk
 def test_full_disk_keeps_previous_checkpoint_and_resumes(tmp_path: Path, monkeypatch) -> None:
     """ENOSPC while writing the second checkpoint: one line naming the folder and the space
@@ -323,13 +395,13 @@ from pyrovae import training
 from pyrovae.cli import main
 
 log, delay = sys.argv[1], float(sys.argv[2])
-real = training.train_step
+real = training.SVI.update
 def logged(*args, **kwargs):
     with open(log, "a") as f:
         f.write("step\n")
     time.sleep(delay)
     return real(*args, **kwargs)
-training.train_step = logged
+training.SVI.update = logged
 sys.exit(main(["train", *sys.argv[3:]]))
 """
 TINY = ["--hidden-dims", "16", "--latent-dim", "2", "--eval-points", "20", "--num-samples", "10",
