@@ -227,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: all test points, the exact mixture; for a flow family, whose "
                     "density at another point costs an inverse, e.g. 100 is much faster and "
                     "slightly biased)")
+    gp.add_argument("--ais-steps", type=int, default=None,
+                    help="AIS intermediate distributions for log p(x) (default: pyrovae.gaps's, "
+                    "1000, with a convergence check at a quarter of them)")
+    gp.add_argument("--ais-chains", type=int, default=None,
+                    help="AIS chains per point (default: pyrovae.gaps's, 16)")
     gp.add_argument("--estimator", default="best", choices=("best", "is", "ais"),
                     help="log p(x) for the gaps: best (the larger of IS and AIS, as Cremer et "
                     "al.), is or ais (default: best)")
@@ -344,21 +349,29 @@ def _ais_start(vae: VAE) -> dict[str, Any]:
 def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress: bool, *,
                       check_points: int = 0, ais_steps: int = 100, ais_chains: int = 4,
                       group: Any = None, per_datapoint: bool = False,
-                      compile: bool = False) -> dict:
+                      compile: bool = False, into: dict | None = None,
+                      stage: list[str] | None = None) -> dict:
     """Print and return the test ELBO, the importance-sampled log p(x) with its diagnostics, and
     (``check_points`` > 0) AIS on the first test points beside IS on the same points: how far
     the IS figure can be trusted. Under a process ``group`` every rank computes its share and
     rank 0 alone prints. ``compile``: the importance weights through ``torch.compile`` (not for
-    a per-datapoint family, whose points are scored by fitting their own proposals)."""
+    a per-datapoint family, whose points are scored by fitting their own proposals).
+    ``into``: the dict to fill, entry by entry as each is computed (so that what was measured
+    survives a later failure); ``stage``: a list the name of each step is appended to."""
     from . import distributed
     from .importance import elbo, log_likelihood
 
     say = _printer(group)  # rank 0 speaks for all
+    metrics: dict[str, Any] = {} if into is None else into
+    stage = [] if stage is None else stage
     local = {**_local(vae), "process_group": group or False}
     if compile and "local" not in local:
         local["compile"] = True
     t0 = time.perf_counter()
+    stage.append("the test ELBO")
     test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress, **local)
+    metrics["test_elbo"] = {**test_elbo.to_dict(), "num_samples": 10}
+    stage.append("the importance-sampled test log-likelihood")
     ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress, **local)
     seconds = time.perf_counter() - t0
     say(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
@@ -372,14 +385,12 @@ def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress
     reliability = ll.reliability()
     if reliability:
         say(f"importance weights: {reliability}")
-    metrics: dict[str, Any] = {
-        "test_elbo": {**test_elbo.to_dict(), "num_samples": 10},
-        "test_log_likelihood": ll.to_dict(per_datapoint),
-        "evaluation_seconds": seconds,
-    }
+    metrics["test_log_likelihood"] = ll.to_dict(per_datapoint)
+    metrics["evaluation_seconds"] = seconds
     if group is not None:
         metrics["processes"] = distributed.world_size(group)
     if check_points:
+        stage.append("the AIS check")
         metrics["ais_check"] = _ais_check(vae, test, ll, check_points, ais_steps, ais_chains,
                                           seed, progress, group)
     return metrics
@@ -706,12 +717,22 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
         raise
     train_seconds = time.perf_counter() - t0
     # Every rank scores its share of the test points; rank 0 prints and writes the results.
+    # Training is done and checkpointed: a failure from here on is reported in one line, and the
+    # metrics measured before it are written (with the traceback) to metrics.json.
     test = _fixed_test_set(test, args.eval_points, args.seed)
-    metrics = _report_estimates(vae, test.to(device), args.num_samples, args.seed,
-                                not args.no_progress, check_points=args.check_points,
-                                ais_steps=args.ais_steps, ais_chains=args.ais_chains, group=group,
-                                compile=args.compile)
+    metrics: dict[str, Any] = {}
+    stage: list[str] = []
+    failure = None
+    try:
+        _report_estimates(vae, test.to(device), args.num_samples, args.seed,
+                          not args.no_progress, check_points=args.check_points,
+                          ais_steps=args.ais_steps, ais_chains=args.ais_chains, group=group,
+                          compile=args.compile, into=metrics, stage=stage)
+    except Exception as e:  # noqa: BLE001 - reported in one line below, traceback kept
+        failure = _after_training_failure(e, stage[-1] if stage else "the test estimates", out)
     if not main:
+        if failure is not None:
+            raise failure[0]
         return 0
     metrics.update(
         dataset=args.dataset, binarize=args.binarize, config=dataclasses.asdict(config),
@@ -721,23 +742,52 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
         clip_grad_norm=args.clip_grad_norm, checkpoint_every_steps=args.checkpoint_every_steps,
         history=history.to_dict(), versions=_versions(),
     )
+    if failure is not None:
+        metrics["failure"] = failure[1]
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if failure is not None:
+        raise failure[0]
 
-    shape = config.image_shape
-    x = test[torch.arange(min(32, len(test)))][0].to(device)
-    plots.sample_grid(vae, shape, path=out / "samples.png", scale=3)
-    plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png", scale=3)
-    plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
     two_d = ""
-    if config.latent_dim == 2:
-        plots.latent_manifold(vae, shape, path=out / "manifold.png")
-        _latent_pictures(vae, test, shape, out, device)
-        two_d = " manifold.png latent_scatter.png interpolation.png"
+    try:
+        shape = config.image_shape
+        x = test[torch.arange(min(32, len(test)))][0].to(device)
+        plots.sample_grid(vae, shape, path=out / "samples.png", scale=3)
+        plots.reconstruction_grid(vae, x, shape, path=out / "reconstructions.png", scale=3)
+        plots.plot_history(history, path=out / "training_curve.png", title=f"{args.dataset}")
+        if config.latent_dim == 2:
+            plots.latent_manifold(vae, shape, path=out / "manifold.png")
+            _latent_pictures(vae, test, shape, out, device)
+            two_d = " manifold.png latent_scatter.png interpolation.png"
+    except Exception as e:  # noqa: BLE001
+        error, record = _after_training_failure(e, "the pictures", out)
+        metrics["failure"] = record
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        raise error from None
     print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
           f"training_curve.png{two_d}")
     print(f"next: pyrovae evaluate {out} (K=5000, or --estimator ais) | pyrovae sample {out} | "
           f"pyrovae gaps {out} | pyrovae bdmc {out}")
     return 0
+
+
+def _after_training_failure(exc: Exception, stage: str, out: Path) -> tuple[Exception, dict[str, Any]]:
+    """A failure after training as ``(one-line error to raise, record for metrics.json)``.
+
+    The error says what failed and where the trained model and the metrics are; the record keeps
+    the stage, the exception and its traceback. A pyrovae error keeps its own message."""
+    import traceback
+
+    from .errors import PyrovaeError, TrainingError
+
+    first = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    what = first if isinstance(exc, PyrovaeError) else f"{type(exc).__name__}: {first}"
+    record = {"stage": stage, "error": what,
+              "traceback": "".join(traceback.format_exception(exc)).splitlines()}
+    message = (f"training finished and checkpoint.pt is saved, but computing {stage} failed "
+               f"({what}); the metrics measured before it and the traceback are in {out}/metrics.json; "
+               f"measure the run again with: pyrovae evaluate {out}")
+    return TrainingError(message), record
 
 
 @torch.no_grad()
@@ -961,7 +1011,8 @@ def _gaps(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = gaps(vae, test, num_samples=args.num_samples,
                       num_elbo_samples=args.num_elbo_samples, num_steps=args.num_steps,
-                      seed=args.seed, progress=not args.no_progress, log_px=args.estimator)
+                      seed=args.seed, progress=not args.no_progress, log_px=args.estimator,
+                      ais_options=_gaps_ais_options(args))
         diagnostics = diagnose(vae, test, seed=args.seed, mi_batch_size=args.mi_batch_size,
                                progress=not args.no_progress)
         results.append(result)
@@ -981,6 +1032,19 @@ def _gaps(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gaps_ais_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``pyrovae gaps``'s AIS flags as :func:`pyrovae.gaps`'s ``ais_options`` (``None``: its own)."""
+    options = {}
+    for flag, name in (("ais_steps", "num_intermediate"), ("ais_chains", "num_chains")):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be a positive integer, "
+                                  f"got {value}")
+            options[name] = value
+    return options or None
+
+
 def _print_gap_table(labels: list[str], report: dict[str, Any]) -> None:
     width = max(12, *(len(label) for label in labels))
     columns = (("log_px", "log p(x)"), ("elbo_optimal", "L[q*]"), ("elbo_amortized", "L[q]"),
@@ -996,6 +1060,8 @@ def _print_gap_table(labels: list[str], report: dict[str, Any]) -> None:
         cells = "".join(f"{g[k]['mean']:>10.2f} ± {g[k]['stderr']:<4.2f}" for k, _ in columns)
         print(f"{label:<{width}}{cells}{'n/a' if share is None else f'{100 * share:.1f}%':>11}"
               f"  (log p(x) by {g.get('log_px_estimator', 'is').upper()})")
+        if g.get("unresolved"):
+            print(f"{label:<{width}}  unresolved: {g['unresolved']}")
     print("nats per datapoint, ± standard error over datapoints; approximation gap = log p(x) - "
           "L[q*], amortization gap = L[q*] - L[q]")
     print(f"{'run':<{width}}{'active units':>14}{'KL(q(z|x)||p(z))':>19}{'I(x;z)':>15}"
