@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="override the row's data set (tests)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--estimate", action="store_true",
-                   help="time 4 digits at T=20 per row and extrapolate to the full run")
+                   help="time --probe-points digits at T=10 per row and extrapolate to the full run")
+    p.add_argument("--probe-points", type=int, default=32)
     return p.parse_args(argv)
 
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = args.settings or complete_settings(args.results)
     if args.estimate:
         for setting in settings:
-            probe, T = 4, 20
+            probe, T = args.probe_points, 10  # enough digits for full-size decoder calls
             r = certify(args, setting, points=probe, ais_steps=T)
             per = r["ais"]["seconds"] / (probe * T)
             full = per * args.points * args.ais_steps  # the same chains and leapfrog steps
