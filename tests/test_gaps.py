@@ -426,5 +426,19 @@ def test_gaps_say_when_their_ais_cannot_resolve(float64, one_thread):
     result = gaps(vae, x[:10], num_samples=200, num_elbo_samples=200, num_steps=50, log_px="ais",
                   ais_options=dict(num_intermediate=8, num_chains=4, leapfrog_steps=2))
     assert result.log_px_estimator == "ais"
-    assert result.unresolved is not None and "raise ais_options" in result.unresolved
+    assert result.unresolved is not None and "Monte Carlo error" in result.unresolved
+    assert result.log_px_error > 0.05 and "raise ais_options" in result.unresolved
     assert "UNRESOLVED" in str(result) and result.to_dict()["unresolved"] == result.unresolved
+
+
+def test_gaps_say_when_their_ais_has_not_converged(float64, one_thread):
+    """A wrong encoder (3 posterior sd off, 0.3x as wide) and T = 50: AIS's convergence check
+    finds the estimate still rising, and gaps says the approximation gap may be under-stated."""
+    from linear_gaussian import LinearGaussian
+    from test_ais import _wrong_encoder
+
+    lg = LinearGaussian(latent_dim=3, num_features=10, scale=0.7, seed=3)
+    x = lg.sample_x(30, seed=4)
+    result = gaps(_wrong_encoder(lg), x, num_samples=200, num_elbo_samples=200, num_steps=50,
+                  log_px="ais", ais_options=dict(num_intermediate=50, leapfrog_steps=5))
+    assert result.unresolved is not None and "has not converged" in result.unresolved
