@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pyro
 import pytest
@@ -207,6 +208,42 @@ def test_train_step_never_reads_a_device_value(monkeypatch) -> None:
         train_step(state, data[:16], torch.arange(16), obj, clip_grad_norm=clip)
     assert reads == []
     assert state.history.num_steps == 2 and len(state.unreported) == 2
+
+
+def test_fit_reads_the_device_only_where_the_host_syncs(monkeypatch, tmp_path: Path) -> None:
+    """On a device whose flags the host reads every 4 steps (a GPU; here the CPU made to act
+    like one), fit's loop and its callbacks (progress bar, checkpoints, SIGTERM) convert no
+    tensor to a Python value between those reads: only at a synced step (reads attributed to
+    it) and at an epoch's end."""
+    monkeypatch.setitem(training._SYNC_EVERY, "cpu", 4)
+    vae, data = _setup()
+    events: list[Any] = []
+    here = str(Path(training.__file__).resolve())
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **k):
+            if sys._getframe(1).f_code.co_filename == here:
+                events.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    class Marker:
+        def on_step_end(self, state: TrainState) -> None:
+            events.append(state.history.num_steps)
+
+    fit(vae, data, num_epochs=2, batch_size=8, progress=True, callbacks=[Marker()],
+        checkpoint_dir=tmp_path / "run")
+    last, after = 0, set()  # after: the steps after whose marker some read came
+    for event in events:
+        if isinstance(event, int):
+            last = event
+        else:
+            after.add(last)
+    # Step k's report (k = 4, 8, ...) comes after marker k - 1; an epoch's end and its
+    # checkpoint after its last step's marker (8, 16).
+    assert after == {3, 7, 11, 15, 8, 16}, sorted(after)
 
 
 def test_lazy_host_checks_stop_at_the_exact_step(monkeypatch) -> None:
