@@ -411,11 +411,17 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     from .ais import ais
 
     say = _printer(group)  # rank 0 speaks for all
+    import warnings
+
+    from .ais import AISConvergenceWarning
+
     n = min(points, len(ll.values))
     t0 = time.perf_counter()
-    a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n], num_intermediate=steps,
-            num_chains=chains, leapfrog_steps=10, seed=seed, progress=progress, **_ais_start(vae),
-            process_group=group or False)
+    with warnings.catch_warnings():  # said in the verdict instead
+        warnings.simplefilter("ignore", AISConvergenceWarning)
+        a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n],
+                num_intermediate=steps, num_chains=chains, leapfrog_steps=10, seed=seed,
+                progress=progress, **_ais_start(vae), process_group=group or False)
     diff = a.values - ll.values[:n]
     finite = torch.isfinite(diff)
     d = float(diff[finite].mean()) if bool(finite.any()) else float("nan")
@@ -432,6 +438,9 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     else:
         verdict = (f"IS and AIS agree within {abs(d):.2f} ± {se:.2f} nats on these points: "
                    "the IS figure can be trusted to about that")
+    if a.converged is False:
+        verdict += (f"; AIS itself has not converged at T={steps} ({a.convergence.split(': ')[0]}): "
+                    "raise --ais-steps")
     start = ", from the prior" if a.start == "prior" else ""
     say(f"AIS check on the first {n} test points (T={steps}, {chains} chains{start}, acceptance "
         f"{float(a.acceptance.mean()):.2f}): AIS {a.mean:.2f}, IS {float(ll.values[:n].mean()):.2f}; "
