@@ -10,7 +10,7 @@ all 10,000 test digits, binarized once with a fixed seed.
 Settings (``--setting``): ``vae-dynamic-k1`` (published 86.76), ``iwae-dynamic-k5`` (85.54),
 ``iwae-dynamic-k50`` (84.78), ``vae-static-k1`` (Larochelle & Murray's binarized MNIST, 88.71),
 ``iwae-static-k50`` (87.10), ``vampprior-static`` (500 pseudo-inputs, 85.57); with two
-stochastic layers (784-200-200-(z1: 100)-100-100-(z2: 50) tanh, mirrored decoder;
+stochastic layers (784-100-100-(z1: 100)-50-50-(z2: 50) tanh, mirrored decoder;
 ``pyrovae.Hierarchical`` prior and ``pyrovae.BottomUp`` family): ``vae-dynamic-k1-2l`` (85.33),
 ``iwae-dynamic-k5-2l`` (83.89), ``iwae-dynamic-k50-2l`` (82.90). The IWAE settings
 need ``pyrovae.losses.IWAE`` (the IWAE bound with the plate's scale outside the logsumexp);
@@ -163,12 +163,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
               "text": "784-200-200-50 tanh"},
     "tomczak": {"latent_dim": 40, "hidden_dims": (300, 300), "activation": "tanh",
                 "text": "784-300-300-40 tanh (Tomczak & Welling: gated units)"},
-    # Burda et al. 2016, section 5: two deterministic layers of 200 units between x and z1 (100
-    # units), two of 100 units between z1 and z2 (50 units), tanh, mirrored in the decoder:
-    # p(z2) = N(0, I), p(z1|z2) by 50-100-100-(100), p(x|z1) by 100-200-200-784.
-    "burda-2l": {"latent_dim": 150, "hidden_dims": (200, 200), "activation": "tanh",
-                 "layers": [100, 50], "layer_hidden_dims": [100, 100],
-                 "text": "784-200-200-(z1: 100)-100-100-(z2: 50) tanh, mirrored decoder "
+    # Burda et al. 2016, section 5 (and DESIGN.md): two deterministic layers of 100 units between
+    # x and z1 (100 units), two of 50 units between z1 and z2 (50 units), tanh, mirrored in the
+    # decoder: p(z2) = N(0, I), p(z1|z2) by 50-50-50-(100), p(x|z1) by 100-100-100-784.
+    "burda-2l": {"latent_dim": 150, "hidden_dims": (100, 100), "activation": "tanh",
+                 "layers": [100, 50], "layer_hidden_dims": [50, 50],
+                 "text": "784-100-100-(z1: 100)-50-50-(z2: 50) tanh, mirrored decoder "
                          "(pyrovae.Hierarchical prior, pyrovae.BottomUp family)"},
 }
 
@@ -428,13 +428,9 @@ RUN_NOTES: dict[str, tuple[str, ...]] = {
         "initialization, and a test set binarized once with a fixed seed",
     ),
     "vae-dynamic-k1-2l": (
-        "the architecture is Burda et al.'s section 5 as read here: two deterministic layers of "
-        "200 units between x and z1 (100 units) and two of 100 units between z1 and z2 (50 "
-        "units), mirrored in the decoder; issue 24 and DESIGN.md wrote 784-100-100-100-50-50-50 "
-        "(100-unit layers below z1, 50-unit ones above): check against the paper before "
-        "comparing to 85.33",
-        "its first invocation (epochs 1-) ran on a working tree where other changes were in "
-        "progress (pyrovae.fastpath, fit's loop); the model and the loss are the same",
+        "the architecture of Burda et al.'s two-stochastic-layer models as DESIGN.md and issue 24 "
+        "give it: 784-100-100-(z1: 100)-50-50-(z2: 50), tanh, mirrored in the decoder (a first "
+        "run to epoch 123 used 200/100-unit deterministic layers and was discarded)",
     ),
     "vae-static-k1": (
         "the complete run: 89.69 +- 0.26 on all 10,000 test digits (K = 5000) against the "
