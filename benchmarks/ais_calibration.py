@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -73,12 +74,13 @@ def models(num_points: int, seed: int) -> dict:
     }
 
 
-def calibrate(vae, x, exact, T: int, L: int, start: str, chains: int, seed: int) -> dict:
+def calibrate(vae, x, exact, T: int, L: int, start: str, chains: int, seed: int,
+              max_intermediate: int | None = None) -> dict:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         r = ais(vae, x, num_intermediate=T, leapfrog_steps=L, num_chains=chains, start=start,
-                seed=seed)
+                seed=seed, max_intermediate=max_intermediate)
     seconds = time.perf_counter() - t0
     err = (r.values - exact).double()
     cse, tse = r.chain_stderr.double(), r.total_stderr.double()
@@ -86,6 +88,7 @@ def calibrate(vae, x, exact, T: int, L: int, start: str, chains: int, seed: int)
     n = len(err)
     return {
         "T": T, "leapfrog_steps": L, "start": start, "num_chains": chains,
+        "max_intermediate": max_intermediate, "T_used": r.num_intermediate,
         "beyond2_chain": share(2, cse), "beyond3_chain": share(3, cse),
         "beyond2_total": share(2, tse), "beyond3_total": share(3, tse),
         "mean_err": float(err.mean()), "mean_abs_err": float(err.abs().mean()),
@@ -94,7 +97,9 @@ def calibrate(vae, x, exact, T: int, L: int, start: str, chains: int, seed: int)
         "mean_err_over_stated": float(err.mean() / (tse.pow(2).sum().sqrt() / n)),
         "mean_discrepancy": float(r.discrepancy.mean()), "converged": r.converged,
         "acceptance": r.mean_acceptance, "seconds": seconds,
-        "gradient_evaluations_per_point": int(chains * 1.25 * T * L),
+        # the runs made: T (adaptive: T0, 4 T0, ... up to T_used) and the first check at T0 / 4
+        "gradient_evaluations_per_point": int(chains * L * (T // 4 + sum(
+            T * 4**k for k in range(int(round(math.log(r.num_intermediate / T, 4))) + 1)))),
     }
 
 
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--schedules", nargs="+", default=None, help="T:L pairs, e.g. 200:5")
     p.add_argument("--starts", nargs="+", default=STARTS)
     p.add_argument("--is-samples", type=int, nargs="+", default=[100, 1000, 10000, 100000])
+    p.add_argument("--adaptive", type=int, default=None, metavar="MAX",
+                   help="only adaptive rows: ais(..., max_intermediate=MAX) from each T")
+    p.add_argument("--merge", action="store_true",
+                   help="append the rows to --out's existing report instead of replacing it")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_default_dtype(torch.float64)
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
               "machine": f"{platform.machine()} {platform.processor() or ''}, "
                          f"{torch.get_num_threads()} torch thread(s)",
               "torch": torch.__version__, "points": args.points, "rows": [], "importance": {}}
+    if args.merge and args.out and args.out.exists():
+        old = json.loads(args.out.read_text())
+        report["rows"], report["importance"] = old["rows"], old["importance"]
+        report["command"] = old["command"] + " ; " + report["command"]
     for name in args.models or list(table):
         vae, x, exact = table[name]
         for start in args.starts:
@@ -137,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                 if start == "prior" and (T, L) != (200, 5):
                     continue  # the prior start at one schedule (a reference)
                 row = {"model": name, **calibrate(vae, x, exact, T, L, start, args.chains,
-                                                  args.seed)}
+                                                  args.seed, args.adaptive)}
                 report["rows"].append(row)
-                print(f"{name:9s} {start:9s} T={T:4d} L={L:2d}  err {row['mean_err']:+.3f} "
+                print(f"{name:9s} {start:9s} T={T:4d}->{row['T_used']:4d} L={L:2d}  err {row['mean_err']:+.3f} "
                       f"|err| {row['mean_abs_err']:.3f}  >3 chain {row['beyond3_chain']:.2f} "
                       f">3 total {row['beyond3_total']:.2f} >2 total {row['beyond2_total']:.2f}  "
                       f"converged {row['converged']}  {row['seconds']:.1f}s", flush=True)
+        if args.adaptive is not None:
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=2) + "\n")
+            continue
         report["importance"][name] = importance(vae, x, exact, args.is_samples, args.seed)
         for r in report["importance"][name]:
             print(f"{name:9s} IS K={r['K']:6d}  err {r['mean_err']:+.3f} |err| "

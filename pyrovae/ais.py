@@ -497,6 +497,7 @@ def ais(
     step_size: float = 0.05,
     target_acceptance: float = TARGET_ACCEPTANCE,
     convergence_check: bool = True,
+    max_intermediate: int | None = None,
     max_bytes: int = DEFAULT_MAX_BYTES,
     seed: int | None = None,
     progress: bool = False,
@@ -530,6 +531,9 @@ def ais(
         :class:`AISConvergenceWarning` when the estimate is still moving). Without it the stated
         ``chain_stderr`` covers the Monte Carlo noise only, and a short schedule's bias goes
         unreported (``benchmarks/results/ais_calibration.md``).
+    :param max_intermediate: adaptive schedule: while the convergence check fails, run again
+        with 4x the steps (the previous run, at a quarter of them, is its check) up to this
+        many; the result's ``num_intermediate`` is the ``T`` used. ``None`` (default): one ``T``.
     :param max_bytes: memory budget (chains x datapoints per batch follow from it).
     :param seed: seeds every draw (the global RNG is left as it was).
     :param progress: show a progress bar.
@@ -548,31 +552,50 @@ def ais(
     if check_local(local) != "lookup" and start != "prior":
         refuse_local(program, f"ais with start={start!r}")
     group = resolve_group(process_group, program)
-    check_steps = max(1, num_intermediate // 4) if convergence_check else 0
-    parts, checks = [], []
-    with evaluating(program.modules, seed), frozen(program.modules):
-        for x, idx, _, _ in chunks(
-            program, data, num_chains, max_bytes=max_bytes, progress=progress, desc="AIS",
-            need_guide=start != "prior", factor=_AUTOGRAD_FACTOR, seed=seed, group=group,
-        ):
-            _check_density(program, x, idx, start)
-            betas = sigmoid_schedule(num_intermediate)
-            options = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps, start=start,
-                           step_size=step_size, target=target)
-            parts.append(_anneal(program, x, idx, betas, **options))
-            if check_steps:
-                checks.append(_anneal(program, x, idx, sigmoid_schedule(check_steps), **options))
+    if max_intermediate is not None:
+        check_positive_int(max_intermediate, "max_intermediate")
+        if not convergence_check:
+            raise ConfigError("max_intermediate raises T until the convergence check passes; "
+                              "it needs convergence_check=True")
     dtype = program.dtype
-    log_w = gather_parts([p[0] for p in parts], group, 1, (num_chains, 0), dtype)
-    check_log_w = (gather_parts([p[0] for p in checks], group, 1, (num_chains, 0), dtype)
-                   if check_steps else None)
-    result = _result(
-        log_w, gather_parts([p[1] for p in parts], group, 0, (0,), dtype),
-        gather_parts([p[2] for p in parts], group, 0, (0,), dtype), 1.0,
-        check_log_w=check_log_w, check_intermediate=check_steps,
-        num_intermediate=num_intermediate, leapfrog_steps=leapfrog_steps, start=start,
-        direction="forward",
-    )
+
+    def run(steps: list[int], run_seed: int | None) -> list[tuple[torch.Tensor, ...]]:
+        """One pass over the data; per schedule length in ``steps``: gathered (log_w, acc, eps)."""
+        parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in steps]
+        with evaluating(program.modules, run_seed), frozen(program.modules):
+            for x, idx, _, _ in chunks(
+                program, data, num_chains, max_bytes=max_bytes, progress=progress, desc="AIS",
+                need_guide=start != "prior", factor=_AUTOGRAD_FACTOR, seed=run_seed,
+                group=group,
+            ):
+                _check_density(program, x, idx, start)
+                options = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+                               start=start, step_size=step_size, target=target)
+                for k, T in enumerate(steps):
+                    parts[k].append(_anneal(program, x, idx, sigmoid_schedule(T), **options))
+        return [tuple(gather_parts([p[i] for p in ps], group, *where, dtype)
+                      for i, where in enumerate([(1, (num_chains, 0)), (0, (0,)), (0, (0,))]))
+                for ps in parts]
+
+    T = num_intermediate
+    check_steps = max(1, T // 4) if convergence_check else 0
+    runs = run([T, check_steps] if check_steps else [T], seed)
+    main, check = runs[0], (runs[1] if check_steps else None)
+    escalation = 0
+
+    def build() -> AISResult:
+        return _result(*main, 1.0, check_log_w=None if check is None else check[0],
+                       check_intermediate=check_steps, num_intermediate=T,
+                       leapfrog_steps=leapfrog_steps, start=start, direction="forward")
+
+    result = build()
+    # Adaptive: T x 4 until the check passes; the previous run (at the new T / 4, on its own
+    # draws) is the new run's check, so each step costs only the new run.
+    while max_intermediate is not None and result.converged is False and 4 * T <= max_intermediate:
+        escalation += 1
+        check, check_steps, T = main, T, 4 * T
+        (main,) = run([T], None if seed is None else seed + 7919 * escalation)
+        result = build()
     if result.converged is False:
         import warnings
 

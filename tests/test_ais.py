@@ -252,3 +252,23 @@ def test_a_converged_run_and_no_check(lg10):
     assert bare.converged is None and bare.total_stderr is None and bare.check_intermediate == 0
     assert torch.equal(bare.error, bare.chain_stderr)
     assert torch.equal(bare.values, r.values)  # the check runs after, on its own draws
+
+
+def test_the_adaptive_schedule_raises_t_until_the_check_passes(lg10):
+    """max_intermediate: from T = 50 (flagged, ~1 nat low above) AIS quadruples T, each run
+    checked against the previous one, and stops at the first T whose check passes: here 800
+    (50 and 200 fail), with the truth inside the stated errors and the T it used reported."""
+    import warnings
+
+    x = lg10.sample_x(30, seed=4)
+    exact = lg10.log_px(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the final run converged: no warning
+        r = ais(_wrong_encoder(lg10), x, num_intermediate=50, leapfrog_steps=5, seed=0,
+                max_intermediate=3200)
+    assert (r.num_intermediate, r.check_intermediate) == (800, 200) and r.converged is True
+    err = r.values - exact
+    assert abs(float(err.mean())) < 0.1 and abs(float(err.mean())) < 3 * r.mean_error
+    assert float((err.abs() > 3 * r.error).double().mean()) <= 0.05
+    with pytest.raises(ConfigError, match="convergence_check=True"):
+        ais(_wrong_encoder(lg10), x, max_intermediate=100, convergence_check=False)
