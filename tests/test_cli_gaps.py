@@ -20,7 +20,8 @@ from pyrovae.data import load_dataset
 TRAIN = ["--check-points", "0", "--hidden-dims", "16", "--latent-dim", "2", "--epochs", "1", "--eval-points", "10",
          "--num-samples", "10", "--no-progress"]
 GAPS = ["--eval-points", "12", "--num-samples", "40", "--num-elbo-samples", "20",
-        "--num-steps", "30", "--seed", "3", "--no-progress"]
+        "--num-steps", "30", "--seed", "3", "--ais-steps", "100", "--ais-chains", "4",
+        "--no-progress"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +51,8 @@ def test_gaps_command_matches_the_library(runs, tmp_path, capsys):
     run = runs[0]
     vae = load_model(run)
     test = _fixed_test_set(load_dataset("default", "test"), 12, 3)
-    expected = gaps(vae, test, num_samples=40, num_elbo_samples=20, num_steps=30, seed=3)
+    expected = gaps(vae, test, num_samples=40, num_elbo_samples=20, num_steps=30, seed=3,
+                    ais_options=dict(num_intermediate=100, num_chains=4))
     got = report["runs"]["diagonal"]["gaps"]
     assert got["num_datapoints"] == 12
     for key, (mean, stderr) in expected.summary().items():

@@ -51,7 +51,8 @@ def test_evaluate_bdmc_and_gaps_run_on_it(run, capsys):
     assert main(["bdmc", str(run), "--points", "3", "--ais-steps", "10", "--ais-chains", "2",
                  "--is-samples", "20", "--no-progress"]) == 0
     assert main(["gaps", str(run), "--eval-points", "6", "--num-samples", "30",
-                 "--num-elbo-samples", "10", "--num-steps", "10", "--no-progress"]) == 0
+                 "--num-elbo-samples", "10", "--num-steps", "10", "--ais-steps", "10",
+                 "--ais-chains", "2", "--no-progress"]) == 0
     report = json.loads((run / "gaps.json").read_text())
     gap = next(iter(report["runs"].values()))["gaps"]
     assert math.isfinite(gap["amortization_gap"]["mean"])

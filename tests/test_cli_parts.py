@@ -106,7 +106,7 @@ def test_a_flow_without_inverse_runs_through_the_cli(tmp_path, capsys, family):
                  "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["gaps", str(run), "--eval-points", "4", "--num-samples", "10", "--num-steps",
-                 "10", "--no-progress"]) == 0
+                 "10", "--ais-steps", "10", "--ais-chains", "2", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "(log p(x) by AIS)" in out or "(log p(x) by IS)" in out
     assert "n/a: the family evaluates q(z|x) only at its own samples" in out
@@ -137,7 +137,7 @@ def test_each_part_trains_and_is_measured_by_every_command(tmp_path, args):
     assert main(["bdmc", str(run), "--points", "2", "--ais-steps", "5", "--is-samples", "10",
                  "--no-progress"]) == 0
     assert main(["gaps", str(run), "--eval-points", "3", "--num-samples", "10", "--num-steps",
-                 "10", "--no-progress"]) == 0
+                 "10", "--ais-steps", "10", "--ais-chains", "2", "--no-progress"]) == 0
     gap = json.loads((run / "gaps.json").read_text())["runs"]["run"]["gaps"]
     assert math.isfinite(gap["approximation_gap"]["mean"])
 
