@@ -37,3 +37,33 @@ autodoc_typehints = "description"
 
 html_theme = "alabaster"
 html_title = "pyrovae"
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated snippets. Benchmark scripts write summaries into ``docs/readme-snippets/`` (e.g.
+# ``benchmarks/estimators_mnist.py``, ``benchmarks/mnist_nll.py --render``) with links relative
+# to the repository root. A page pulls one in, current at every build, with a line
+# ``<!-- snippet: NAME -->``; its links are rewritten to work from the page.
+import re
+from pathlib import Path
+
+_DOCS = Path(__file__).resolve().parent
+_SNIPPET = re.compile(r"<!-- snippet: ([A-Za-z0-9_-]+) -->")
+
+
+def _snippet(match: re.Match) -> str:
+    text = (_DOCS / "readme-snippets" / f"{match.group(1)}.md").read_text()
+    text = re.sub(r"<!--.*?-->\n?", "", text, flags=re.S)
+    # root-relative links, as the README would have them, seen from a page in docs/
+    text = re.sub(r"\]\(benchmarks/results/([A-Za-z0-9_]+)\.md\)", r"](results/\1.md)", text)
+    text = re.sub(r"\]\((benchmarks|examples|docs)/", lambda m: "](" + ("" if m.group(1) == "docs" else "../") + (m.group(1) + "/" if m.group(1) != "docs" else ""), text)
+    return text
+
+
+def _insert_snippets(app, docname: str, source: list[str]) -> None:
+    if "/" not in docname:  # pages at the top of docs/ only
+        source[0] = _SNIPPET.sub(_snippet, source[0])
+
+
+def setup(app):
+    app.connect("source-read", _insert_snippets)
