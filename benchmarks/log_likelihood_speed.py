@@ -239,7 +239,7 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             bare_log_likelihood(vae, mine, 5000)
             if group is not None:
-                distributed._barrier(group)
+                distributed.barrier(group)
             ref = time.perf_counter() - t0
             reference_seconds += ref
             segments.append({"digits": b1 - b0, "seconds": ours, "reference_digits": len(xr),
@@ -249,7 +249,7 @@ def _full_only(vae: VAE, x_all: torch.Tensor, args: argparse.Namespace) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     peaks = [peak]
     if group is not None:
-        peaks = distributed._gather_objects(peak, group) or peaks
+        peaks = distributed.gather_objects(peak, group) or peaks
     result = {
         "num_samples": 5000, "points": len(x_all), "seconds": seconds,
         "mean": mean, "stderr": stderr,

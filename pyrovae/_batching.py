@@ -78,3 +78,20 @@ def batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, t
         idx = torch.arange(start, min(start + batch_size, n))
         x, idx = dataset[idx]
         yield x, torch.as_tensor(idx)
+
+
+def model_batches(
+    vae: Any, data: Any, batch_size: int, min_points: int = 1
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential ``(x, idx)`` batches of ``data`` (a tensor or a dataset) on ``vae``'s device,
+    the first checked by ``vae.check_data``; fewer than ``min_points`` datapoints are refused."""
+    dataset = as_dataset(data, "data")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < min_points:
+        raise DataError(f"data has {n} datapoint(s); this diagnostic needs at least {min_points}")
+    device = next(iter(vae.parameters()), torch.empty(0)).device
+    for i, (x, idx) in enumerate(batches(dataset, batch_size)):
+        x, idx = x.to(device), idx.to(device)
+        if i == 0:
+            vae.check_data(x)
+        yield x, idx

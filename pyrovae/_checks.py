@@ -32,13 +32,19 @@ def check_positive_float(value: Any, name: str) -> float:
     return f
 
 
-def check_vae(vae: object) -> VAE:
+def check_vae(vae: object, reads: tuple[str, ...] = (), reader: str = "") -> VAE:
     """Return ``vae`` if it is a :class:`torch.nn.Module` with ``model``, ``guide`` and
-    ``check_data`` (a :class:`~pyrovae.VAE`, or anything shaped like one), else raise
+    ``check_data`` (a :class:`~pyrovae.VAE`, or anything shaped like one) and the attributes
+    ``reads`` (e.g. ``("family", "prior")``, which ``reader`` reads), else raise
     :class:`ConfigError`."""
     if not isinstance(vae, torch.nn.Module) or not all(
         callable(getattr(vae, a, None)) for a in ("model", "guide", "check_data")
-    ):
+    ) or not all(hasattr(vae, a) for a in reads):
+        if reads:
+            raise ConfigError(
+                f"{reader or 'this'} need a pyrovae.VAE (they read its {' and '.join(reads)}), "
+                f"got {type(vae).__name__}"
+            )
         raise ConfigError(
             f"vae must be a pyrovae.VAE (a torch.nn.Module with model, guide and check_data), "
             f"got {type(vae).__name__}"

@@ -309,11 +309,11 @@ def _categorical256(cfg: VAEConfig) -> nn.Module:
 
 
 #: Options that a saved config states even when they were left at their default (see
-#: :func:`_pin_options`).
-_PINNED_OPTIONS = ("logit_rank",)
+#: :func:`pin_options`).
+PINNED_OPTIONS = ("logit_rank",)
 
 
-def _lacks_logit_rank(config: Mapping[str, Any]) -> bool:
+def lacks_logit_rank(config: Mapping[str, Any]) -> bool:
     """Whether a config dict describes a categorical256 MLP decoder without saying its
     ``logit_rank``."""
     options = config.get("options")
@@ -325,19 +325,19 @@ def _lacks_logit_rank(config: Mapping[str, Any]) -> bool:
     )
 
 
-def _pin_options(config: dict[str, Any]) -> dict[str, Any]:
+def pin_options(config: dict[str, Any]) -> dict[str, Any]:
     """A config dict (``dataclasses.asdict`` of a :class:`VAEConfig`) with the options whose
     default may change set to the value used: what a run folder stores, so that it always
     rebuilds the same model."""
-    if _lacks_logit_rank(config):
+    if lacks_logit_rank(config):
         config = {**config, "options": {**config["options"], "logit_rank": OPTIONS["logit_rank"][0]}}
     return config
 
 
-def _upgrade_saved(config: dict[str, Any]) -> dict[str, Any]:
+def upgrade_saved(config: dict[str, Any]) -> dict[str, Any]:
     """A saved config dict as this version reads it: one without ``logit_rank`` was saved before
     the option existed, when the categorical256 decoder had a dense output layer."""
-    if _lacks_logit_rank(config):
+    if lacks_logit_rank(config):
         config = {**config, "options": {**config["options"], "logit_rank": 0}}
     return config
 

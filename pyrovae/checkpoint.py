@@ -96,7 +96,8 @@ def _stale_temporaries(target: Path) -> list[Path]:
     return sorted(target.parent.glob(f".{target.name}.*{_TMP_SUFFIX}"))
 
 
-def _remove_stale_temporaries(target: Path) -> None:
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporaries that an interrupted atomic write of ``target`` left behind."""
     for tmp in _stale_temporaries(target):
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -176,7 +177,7 @@ def _write_error(target: Path, e: OSError, payload: Any) -> CheckpointError:
 def _config_dict(config: Any) -> dict[str, Any] | None:
     """A :class:`VAEConfig` (or a dict of one) as a JSON-compatible dict, with the options whose
     default may change pinned to the value used."""
-    from .build import _pin_options
+    from .build import pin_options
 
     if config is None:
         return None
@@ -189,7 +190,7 @@ def _config_dict(config: Any) -> dict[str, Any] | None:
             f"config must be a pyrovae.build.VAEConfig or a dict, got {type(config).__name__}"
         )
     try:
-        return _pin_options(json.loads(json.dumps(d)))  # tuples -> lists; fails on non-JSON values
+        return pin_options(json.loads(json.dumps(d)))  # tuples -> lists; fails on non-JSON values
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config cannot be stored as JSON ({e}); use plain numbers and strings") from None
 
@@ -291,9 +292,9 @@ def save_train_state(
     :param config: the :class:`~pyrovae.build.VAEConfig`, so :func:`load_model` can rebuild it.
     :param rng: every process's RNG states (rank order); default: this process's.
     """
-    from .training import _rng_state
+    from .state import rng_state
 
-    rng = list(rng) if rng is not None else [_rng_state()]
+    rng = list(rng) if rng is not None else [rng_state()]
     training_state: dict[str, Any] = {
         "epoch": int(state.epoch),  # the epoch in progress (0-based); == epochs done when batch == 0
         "batch": int(state.batch),  # minibatches of that epoch already consumed
@@ -325,7 +326,7 @@ def load_train_state(
     :raises CheckpointError: as :func:`load_checkpoint`, or if the checkpoint holds no training
         state.
     """
-    from .training import History, TrainState
+    from .state import History, TrainState
 
     ckpt = load_checkpoint(path, vae=vae, optimizer=optimizer)
     target = checkpoint_path(path)
@@ -408,9 +409,9 @@ def read_config(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(
             f"{target} holds no model configuration (a 'vae' entry); restore it or retrain"
         )
-    from .build import _upgrade_saved
+    from .build import upgrade_saved
 
-    return {**cfg, "vae": _upgrade_saved(cfg["vae"])}
+    return {**cfg, "vae": upgrade_saved(cfg["vae"])}
 
 
 # -------------------------------------------------------------------------------------- reading
@@ -527,10 +528,10 @@ def load_checkpoint(
             raise ConfigError(f"vae must be a torch.nn.Module, got {type(vae).__name__}")
         problem = _mismatch(ckpt["model"], vae.state_dict())
         if problem is not None:
-            from .build import _lacks_logit_rank
+            from .build import lacks_logit_rank
 
             cfg = (ckpt.get("model_description") or {}).get("config")
-            if isinstance(cfg, dict) and _lacks_logit_rank(cfg):
+            if isinstance(cfg, dict) and lacks_logit_rank(cfg):
                 fix = ("it was saved before the option logit_rank existed, with a dense "
                        "categorical256 output layer: build it with options={'logit_rank': 0} "
                        "or use pyrovae.load_model")
@@ -579,9 +580,9 @@ def _read_config(run: Path, ckpt: Mapping[str, Any]) -> dict[str, Any]:
             f"{run} holds no model configuration ({CONFIG_NAME}); build the VAE yourself and "
             "call pyrovae.load_checkpoint(path, vae=...)"
         )
-    from .build import _upgrade_saved
+    from .build import upgrade_saved
 
-    return _upgrade_saved(cfg)
+    return upgrade_saved(cfg)
 
 
 def load_model(run_dir: str | os.PathLike[str], *, device: Any = None) -> Any:

@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 import pyro.distributions as dist
 import torch
 
-from ._batching import as_dataset
-from ._checks import check_positive_int
+from ._batching import as_dataset, model_batches
+from ._checks import check_positive_int, check_vae
 from .errors import ConfigError, DataError
-from .evaluation import evaluating
+from .evaluation import evaluating, mean_stderr
 
 if TYPE_CHECKING:  # for annotations only (no import cycle at run time)
     from .vae import VAE
@@ -226,41 +226,11 @@ class Diagnostics:
 # ---------------------------------------------------------------------- helpers
 def _check_vae(vae: VAE) -> Any:
     """The diagnostics read the VAE's family and prior: refuse anything else in one line."""
-    if not (isinstance(vae, torch.nn.Module) and all(
-        hasattr(vae, a) for a in ("family", "prior", "check_data")
-    )):
-        raise ConfigError(
-            f"the latent-space diagnostics need a pyrovae.VAE (they read its family and prior), "
-            f"got {type(vae).__name__}"
-        )
-    return vae
+    return check_vae(vae, ("family", "prior"), "the latent-space diagnostics")
 
 
 def _device(vae: VAE) -> torch.device:
     return next(iter(vae.parameters()), torch.empty(0)).device
-
-
-def _batches(vae: VAE, data: Any, batch_size: int, min_points: int = 1):
-    """Sequential ``(x, idx)`` batches of ``data`` on the model's device; checks the first."""
-    dataset = as_dataset(data, "data")
-    n = len(dataset)
-    if n < min_points:
-        raise DataError(
-            f"data has {n} datapoint(s); this diagnostic needs at least {min_points}"
-        )
-    device = _device(vae)
-    for start in range(0, n, batch_size):
-        x, idx = dataset[torch.arange(start, min(start + batch_size, n))]
-        x, idx = x.to(device), torch.as_tensor(idx).to(device)
-        if start == 0:
-            vae.check_data(x)
-        yield x, idx
-
-
-def _mean_stderr(values: torch.Tensor) -> tuple[float, float]:
-    n = values.numel()
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    return float(values.mean()), stderr
 
 
 def _factors(d: Any, latent_dim: int) -> Any:
@@ -324,7 +294,7 @@ def active_units(
     means, noise = [], []
     analytic = True
     with evaluating(_check_vae(vae), seed):
-        for x, idx in _batches(vae, data, batch_size, min_points=2):
+        for x, idx in model_batches(vae, data, batch_size, min_points=2):
             q = vae.family(x, idx)
             try:
                 m = q.mean
@@ -378,7 +348,7 @@ def kl_per_dimension(
     with evaluating(_check_vae(vae), seed):
         p = vae.prior()
         p_factors = _factors(p, latent_dim)
-        for x, idx in _batches(vae, data, batch_size):
+        for x, idx in model_batches(vae, data, batch_size):
             q = vae.family(x, idx)
             q_factors = _factors(q, latent_dim)
             per_dim = None
@@ -402,7 +372,7 @@ def kl_per_dimension(
             if dims is not None:
                 dims.append(per_dim.double().cpu())
     values = torch.cat(totals)
-    mean, stderr = _mean_stderr(values)
+    mean, stderr = mean_stderr(values)
     per_dim_mean = torch.cat(dims).mean(0) if dims else None
     return KLPerDimension(mean, stderr, per_dim_mean, values, analytic, num_samples)
 
@@ -480,7 +450,7 @@ def mutual_information(
         # 1. Draws z_{n,s} ~ q(z|x_n) with their own log q and log p: (N, S) and (N, S, L).
         p = vae.prior()
         draws, log_q_own, log_p = [], [], []
-        for x, idx in _batches(vae, dataset, max(1, 2048 // num_samples), min_points=2):
+        for x, idx in model_batches(vae, dataset, max(1, 2048 // num_samples), min_points=2):
             q = vae.family(x, idx)
             z = q.sample((num_samples,))  # (S, batch, L)
             log_q_own.append(q.log_prob(z).T)
@@ -506,8 +476,8 @@ def mutual_information(
                 bar.update(size)
     mi_terms = (own - log_q_agg).double().cpu().flatten()
     kl_terms = (log_q_agg - prior_lp).double().cpu().flatten()
-    mi, mi_se = _mean_stderr(mi_terms)
-    kl, kl_se = _mean_stderr(kl_terms)
+    mi, mi_se = mean_stderr(mi_terms)
+    kl, kl_se = mean_stderr(kl_terms)
     average = float((own - prior_lp).double().mean())
     m = n if batch_size is None else min(batch_size, n)
     return MutualInformation(mi, kl, average, mi_se, kl_se, n, num_samples, m)

@@ -199,18 +199,21 @@ def all_reduce_int(value: int, group: Any = None) -> int:
     return int(t)
 
 
-def _all_reduce_sum(flat: torch.Tensor, group: Any) -> None:
+# The collectives below serve pyrovae's own training loop and CLI (rank 0 writes, the others
+# wait); public so that they can cross modules, not in ``__all__``.
+def all_reduce_sum(flat: torch.Tensor, group: Any) -> None:
+    """Sum ``flat`` over the ranks, in place."""
     tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=group)
 
 
-def _broadcast_module(module: torch.nn.Module, group: Any) -> None:
+def broadcast_module(module: torch.nn.Module, group: Any) -> None:
     """Make every rank's parameters and buffers rank 0's."""
     for t in module.state_dict().values():
         tdist.broadcast(t, src=tdist.get_global_rank(group, 0) if group is not None else 0,
                         group=group)
 
 
-def _gather_objects(obj: Any, group: Any) -> list[Any] | None:
+def gather_objects(obj: Any, group: Any) -> list[Any] | None:
     """Every rank's ``obj`` on rank 0 (``None`` elsewhere)."""
     w = world_size(group)
     out: list[Any] | None = [None] * w if rank(group) == 0 else None
@@ -218,12 +221,13 @@ def _gather_objects(obj: Any, group: Any) -> list[Any] | None:
     return out
 
 
-def _broadcast_object(obj: Any, group: Any) -> Any:
+def broadcast_object(obj: Any, group: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     box = [obj]
     tdist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def _barrier(group: Any) -> None:
+def barrier(group: Any) -> None:
+    """Wait until every rank of ``group`` gets here."""
     tdist.barrier(group=group)

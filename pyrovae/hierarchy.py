@@ -63,11 +63,12 @@ from pyro.distributions import constraints
 from torch import nn
 from torch.nn import functional as F
 
-from ._checks import check_positive_float, check_positive_int
+from ._batching import model_batches
+from ._checks import check_positive_float, check_positive_int, check_vae
 from ._densities import LOG_SQRT_2PI, diagonal_normal_log_prob
-from .diagnostics import ActiveUnits, _batches, _check_vae, _mean_stderr, active_units
+from .diagnostics import ActiveUnits, active_units
 from .errors import ConfigError
-from .evaluation import evaluating
+from .evaluation import evaluating, mean_stderr
 from .families import Family, Params
 from .nets import MLP
 from .priors import Prior
@@ -756,18 +757,18 @@ def kl_per_layer(vae: Any, data: Any, *, num_samples: int = 100, batch_size: int
     """
     num_samples = check_positive_int(num_samples, "num_samples")
     check_positive_int(batch_size, "batch_size")
-    layers = layer_dims_of(_check_vae(vae))
+    layers = layer_dims_of(check_vae(vae, ("family", "prior"), "the latent-space diagnostics"))
     per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
     with evaluating(vae, seed):
         p = vae.prior()
-        for x, idx in _batches(vae, data, batch_size):
+        for x, idx in model_batches(vae, data, batch_size):
             q = vae.family(x, idx)
             z = q.sample((num_samples,))  # (S, batch, D)
             lq = _layer_terms(q, z, layers)
             lp = _layer_terms(p, z, layers)
             for out, a, b in zip(per_layer, lq, lp):
                 out.append((a - b).mean(0).double().cpu())
-    stats = [_mean_stderr(torch.cat(v)) for v in per_layer]
+    stats = [mean_stderr(torch.cat(v)) for v in per_layer]
     return LayerKL(layers, tuple(m for m, _ in stats), tuple(s for _, s in stats), num_samples)
 
 

@@ -75,6 +75,7 @@ from .evaluation import (
     refuse_local,
     rows_per_chunk,
 )
+from .local import fitted_programs
 
 __all__ = [
     "LogLikelihood",
@@ -367,9 +368,7 @@ def _weight_batches(
     """Yield the log-weights ``(num_samples, batch)`` of consecutive batches covering ``data``
     (this rank's batches under a process ``group``)."""
     if not program.amortized and local == "fit":
-        from .gaps import _fitted_programs
-
-        for sub, x, idx in _fitted_programs(program, data, **(local_options or {})):
+        for sub, x, idx in fitted_programs(program, data, **(local_options or {})):
             sub.analyze(x, idx)
             yield _draw(sub, x, idx, num_samples, rows_per_chunk(sub, max_bytes, max_rows))
         return

@@ -37,7 +37,7 @@ with :class:`IWAE` (bundled MNIST sample, ``N = 6000``, ``B = 100``, ``K = 5``, 
 per datapoint: RenyiELBO reports :math:`-186.05` nats, the mean of :math:`\max_k w_{ik}` is
 :math:`-186.03`, the IWAE bound is :math:`-187.40` (ELBO :math:`-198.8`); at initialization
 :math:`-548.84`, :math:`-548.81` and :math:`-550.18`. The gap is at most :math:`\log K` per
-datapoint in value, but the gradient is that of a max (``python -m pyrovae.losses`` remeasures
+datapoint in value, but the gradient is that of a max (``python benchmarks/renyi_vs_iwae.py`` remeasures
 it). This module keeps the scale outside the logsumexp, as NumPyro does.
 
 Gradients (``gradient=``):
@@ -542,44 +542,3 @@ class ReparamELBO(_ParticleObjective):
                 total = total + sign * _scale_and_mask(lp, site["scale"], site["mask"]).sum()
         elbo = torch.as_tensor(total) / self.num_particles
         return -elbo, -elbo
-
-
-def _measure_renyi(num_epochs: int = 2, seed: int = 0) -> dict[str, float]:  # pragma: no cover
-    """The module docstring's numbers: per datapoint, RenyiELBO(alpha=0), the IWAE bound, the
-    mean of max_k w and the ELBO on one minibatch (B = 100 of the bundled N = 6000 points,
-    K = 5), for a 784-200-50 VAE trained ``num_epochs`` with IWAE(5)."""
-    from pyro.infer import RenyiELBO, Trace_ELBO
-
-    from . import MLP, VAE, Bernoulli, DiagonalNormal, StandardNormal, fit, log_weights
-    from .data import load_dataset
-
-    torch.manual_seed(seed)
-    data = load_dataset("default", "train", binarize="dynamic")
-    num_data = len(data)
-    vae = VAE(
-        StandardNormal(50),
-        DiagonalNormal(MLP(784, (), 200, "tanh", activate_output=True), 50),
-        Bernoulli(MLP(50, (200,), 784, "tanh")),
-        num_data=num_data,
-    )
-    if num_epochs:
-        fit(vae, data, loss=IWAE(5), num_epochs=num_epochs, batch_size=100, progress=False)
-    xb, idx = data[torch.arange(100)]
-    out: dict[str, float] = {"num_epochs": num_epochs}
-    with pyro.validation_enabled(False):
-        for name, loss in (
-            ("renyi", RenyiELBO(0, num_particles=5, vectorize_particles=True, max_plate_nesting=1)),
-            ("iwae", IWAE(num_particles=5, max_plate_nesting=1)),
-            ("elbo", Trace_ELBO()),
-        ):
-            pyro.set_rng_seed(seed)
-            out[name] = -loss.loss(vae.model, vae.guide, xb, idx) / num_data
-        pyro.set_rng_seed(seed)
-        with torch.no_grad():
-            out["max_w"] = float(log_weights(vae, xb, idx, 5).max(0).values.mean())
-    return out
-
-
-if __name__ == "__main__":  # pragma: no cover
-    for epochs in (0, 2):
-        print(_measure_renyi(epochs))

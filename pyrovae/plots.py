@@ -31,6 +31,7 @@ __all__ = [
     "plot_khat",
     "plot_iwae_bounds",
     "plot_kl_per_dimension",
+    "plot_gaps",
 ]
 
 
@@ -418,3 +419,93 @@ def plot_kl_per_dimension(
     ax.set_title(title or f"KL per latent dimension (total {total:.2f} nats{extra})")
     ax.grid(axis="y", alpha=0.3)
     return _finish(fig, path)
+
+
+def plot_gaps(
+    results: Any,
+    path: str | Path | None = None,
+    labels: Sequence[str] | None = None,
+) -> Any:
+    r"""Bar chart of :math:`\log p(x)`, :math:`\mathcal L[q^*]`, :math:`\mathcal L[q]` and the gaps.
+
+    Left panel: the three bounds (nats per datapoint); right panel: the approximation and
+    amortization gaps, one group of bars per quantity, one bar per model.
+
+    Error bars are standard errors of the mean over datapoints, of what each panel compares.
+    The three bounds are measured on the *same* datapoints, whose :math:`\log p(x)` differ by
+    tens of nats, so the standard error of each bound alone (printed under the panel) is far
+    larger than the gaps between them; the bars on :math:`\mathcal L[q^*]` and
+    :math:`\mathcal L[q]` are therefore the paired standard errors of their differences from
+    :math:`\log p(x)` (those of the gaps), and :math:`\log p(x)` carries none.
+
+    :param results: one :class:`~pyrovae.gaps.GapResult` (from :func:`pyrovae.gaps`) or several (models side by side).
+    :param path: if given, save the figure there (format from the suffix).
+    :param labels: one name per result (default ``model 1, model 2, ...``).
+    :returns: the :class:`matplotlib.figure.Figure` (Agg canvas; pyplot is not touched).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .gaps import GapResult  # (here: the image grids of `pyrovae train` need no estimator)
+
+    if isinstance(results, GapResult):
+        results = [results]
+    results = list(results)
+    if not results or not all(isinstance(r, GapResult) for r in results):
+        raise ConfigError("plot_gaps needs one GapResult or a sequence of them (from gaps())")
+    if labels is None:
+        labels = [f"model {i + 1}" for i in range(len(results))]
+    labels = list(labels)
+    if len(labels) != len(results):
+        raise ConfigError(f"got {len(labels)} labels for {len(results)} results; pass one per result")
+    summaries = [r.summary() for r in results]
+    # What each bar's error bar is: the bounds' paired errors are those of their gaps.
+    error_of = {
+        "log_px": None,
+        "elbo_optimal": "approximation_gap",
+        "elbo_amortized": "inference_gap",
+        "approximation_gap": "approximation_gap",
+        "amortization_gap": "amortization_gap",
+    }
+    fig = Figure(figsize=(10, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (
+        (("log_px", "log p(x)"), ("elbo_optimal", "L[q*]"), ("elbo_amortized", "L[q]")),
+        (("approximation_gap", "approximation gap"), ("amortization_gap", "amortization gap")),
+    )
+    width = 0.8 / len(results)
+    for p, quantities in enumerate(panels):
+        ax = fig.add_subplot(1, 2, p + 1)
+        for i, (summary, label) in enumerate(zip(summaries, labels)):
+            xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(quantities))]
+            means = [summary[q][0] for q, _ in quantities]
+            errs = []
+            for q, _ in quantities:
+                source = error_of[q]
+                e = float("nan") if source is None else summary[source][1]
+                errs.append(0.0 if math.isnan(e) else e)
+            bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(range(len(quantities)), [name for _, name in quantities])
+        ax.set_ylabel("nats per datapoint")
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.grid(axis="y", alpha=0.3)
+        if p == 0:
+            lows = [s[q][0] - s[error_of[q]][1] if error_of[q] and not math.isnan(s[error_of[q]][1])
+                    else s[q][0] for s in summaries for q, _ in quantities]
+            highs = [s[q][0] for s in summaries for q, _ in quantities]
+            span = max(highs) - min(lows)
+            pad = max(span, 1.0)
+            if max(highs) < 0:  # bounds are negative: zoom on them instead of on zero
+                ax.set_ylim(min(lows) - 0.5 * pad, max(highs) + 0.5 * pad)
+            ax.set_title("bounds (bars: paired SE of the gap to log p(x))", fontsize=10)
+            own = ", ".join(f"{s['log_px'][1]:.2f}" for s in summaries)
+            ax.set_xlabel(f"SE of log p(x) over datapoints alone: {own} nats", fontsize=8)
+        else:
+            ax.set_title("gaps (bars: SE over datapoints)", fontsize=10)
+        if len(results) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(str(path))
+    return fig

@@ -46,17 +46,15 @@ import functools
 import math
 import numbers
 import os
-import random
 import signal
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO
@@ -68,6 +66,7 @@ from ._checks import check_positive_float, check_positive_int, to_device
 from .errors import Preempted, CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
 from .fastpath import TrainingLoss
 from .importance import elbo as elbo_estimate
+from .state import History, TrainState, rng_state, set_rng_state
 
 __all__ = [
     "History",
@@ -87,62 +86,6 @@ __all__ = [
 EXIT_PREEMPTED = 75
 
 
-
-
-@dataclass
-class History:
-    """What :func:`fit` measured, one entry per epoch.
-
-    :ivar objective: what ``train_objective`` holds: ``"elbo"`` for ``Trace_ELBO`` and
-        ``TraceMeanField_ELBO``, ``"beta-elbo(β=0.5)"`` with ``beta=0.5``, ``"iwae(k=5)"`` for
-        :class:`pyrovae.losses.IWAE` ``(5)`` (``"iwae(k=5, dreg)"`` with its DReG gradient),
-        ``"renyi(α=0, k=5)"`` for Pyro's ``RenyiELBO``, with ``" + KL warm-up (E epochs)"`` appended when
-        the KL weight was annealed (those epochs' numbers are of the down-weighted objective).
-    :ivar train_objective: the training objective per datapoint (nats), averaged over the epoch's
-        minibatches (skipped, non-finite steps left out). ``train_elbo`` is the same list.
-    :ivar validation_elbo: the validation ELBO per datapoint (nats; always the plain ELBO, with
-        ``β = 1``), or ``None`` without validation data.
-    :ivar epoch_seconds: wall time of each epoch (validation excluded).
-    :ivar num_steps: minibatch steps in all, including skipped ones.
-    :ivar skipped_steps: steps whose update was skipped because the loss or a gradient was NaN
-        or infinite.
-    :ivar resumed_at_step: the step counts at which training was resumed from a checkpoint.
-    """
-
-    objective: str = "elbo"
-    train_objective: list[float] = field(default_factory=list)
-    validation_elbo: list[float | None] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
-    num_steps: int = 0
-    skipped_steps: int = 0
-    resumed_at_step: list[int] = field(default_factory=list)
-
-    @property
-    def train_elbo(self) -> list[float]:
-        """The training objective per epoch (an alias of ``train_objective``; see ``objective``
-        for which objective it is)."""
-        return self.train_objective
-
-    @property
-    def num_epochs(self) -> int:
-        return len(self.train_objective)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (``train_elbo`` included as a copy of ``train_objective``)."""
-        d = asdict(self)
-        d["train_elbo"] = list(self.train_objective)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> History:
-        """The inverse of :meth:`to_dict`; also reads histories written before ``objective``
-        existed (``train_elbo`` only). Unknown keys are ignored."""
-        d = dict(d)
-        if "train_objective" not in d and "train_elbo" in d:
-            d["train_objective"] = d["train_elbo"]
-            d.setdefault("objective", "")  # unknown: fit names it when it resumes
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ------------------------------------------------------------------------------------ objective
@@ -270,71 +213,6 @@ def objective(vae: Any, loss: Any = None, *, beta: float = 1.0, kl_warmup_epochs
                      _objective_name(loss, beta, kl_warmup_epochs), differentiable)
 
 
-# ---------------------------------------------------------------------------------- train state
-@dataclass
-class TrainState:
-    """Where training stands; :meth:`SVI.update` advances it, :mod:`pyrovae.checkpoint` saves it.
-
-    :ivar vae: the model (its ``state_dict`` is the model state).
-    :ivar optimizer: its optimizer (its ``state_dict`` is the optimizer state).
-    :ivar seed: the run's seed (minibatch orders are drawn from ``(seed, epoch)``).
-    :ivar epoch: the epoch in progress, from 0 (equal to the epochs done when ``batch == 0``).
-    :ivar batch: minibatches of that epoch already done.
-    :ivar history: per-epoch results so far.
-    :ivar settings: what a resumed run must match (``num_data``, ``batch_size``, ``loss``, ...).
-    :ivar objective_sum: device scalar, the epoch's sum over the datapoints of its good steps of
-        the per-datapoint objective (so that ``objective_sum / datapoints`` is the epoch's mean).
-    :ivar datapoints: device scalar, datapoints in the epoch's good steps.
-    :ivar seconds: training time already spent in this epoch before the current session.
-    :ivar bad_streak: device scalar, non-finite steps in a row.
-    :ivar stopped: device scalar, set when ``bad_streak`` reached the limit: later updates are
-        skipped until the host notices (at the next synchronization) and raises.
-    :ivar unreported: ``(step, epoch, loss, loss_bad, bad)`` of the steps not yet checked on the
-        host (the flags device tensors, or bools where the host read them at once), for warnings
-        and the bad-streak error.
-    :ivar reported_streak: the bad streak as of the last host check.
-    :ivar rng: every process's RNG states (rank order) as read from a checkpoint; ``None`` for
-        a fresh run (the live states are the generators themselves).
-    """
-
-    vae: Any
-    optimizer: Any
-    seed: int
-    epoch: int = 0
-    batch: int = 0
-    history: History = field(default_factory=History)
-    settings: dict[str, Any] = field(default_factory=dict)
-    objective_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    datapoints: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    seconds: float = 0.0
-    bad_streak: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    stopped: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.bool))
-    unreported: list[tuple[int, int, torch.Tensor, Any, Any]] = field(
-        default_factory=list, repr=False
-    )
-    reported_streak: int = 0
-    rng: list[dict[str, Any]] | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        param = next(iter(self.vae.parameters()), None) if self.vae is not None else None
-        if param is not None:
-            self.to(param.device)
-
-    def to(self, device: torch.device) -> TrainState:
-        """Put the running sums on ``device`` (float64 where the device has it)."""
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        self.objective_sum = self.objective_sum.to(device, dtype)
-        self.datapoints = self.datapoints.to(device)
-        self.bad_streak = self.bad_streak.to(device)
-        self.stopped = self.stopped.to(device)
-        return self
-
-    def start_epoch(self, epoch: int) -> None:
-        self.epoch, self.batch, self.seconds = epoch, 0, 0.0
-        self.objective_sum = torch.zeros_like(self.objective_sum)
-        self.datapoints = torch.zeros_like(self.datapoints)
-
-
 # ------------------------------------------------------------------------------ data and RNGs
 def _resolve_device(vae: torch.nn.Module, device: Any) -> torch.device:
     if device is None:
@@ -387,39 +265,6 @@ def _epoch_order(num_data: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator()
     g.manual_seed(hash((seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
     return torch.randperm(num_data, generator=g)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every global RNG's state as tensors and plain data (safe for ``weights_only`` loading)."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
-        "numpy": {
-            "name": str(name),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"].to(torch.uint8))
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state(
-        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
-    )
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.to(torch.uint8) for s in cuda])
 
 
 # ------------------------------------------------------------------------------------------ step
@@ -477,7 +322,7 @@ def _all_reduce_gradients(
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params] + [value.reshape(1).to(params[0].dtype)])
     flat.mul_(share)
-    distributed._all_reduce_sum(flat, group)
+    distributed.all_reduce_sum(flat, group)
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
@@ -826,7 +671,7 @@ class _Validation(_Hook):
     def on_epoch_end(self, state: TrainState) -> None:
         value = elbo_estimate(self.vae, self.data, 1).mean if self.main else None
         if self.group is not None:
-            value = distributed._broadcast_object(value, self.group)
+            value = distributed.broadcast_object(value, self.group)
         state.history.validation_elbo[-1] = value
         self.vae.train()
 
@@ -848,7 +693,7 @@ class _Checkpoints(_Hook):
             return
         self.svi.report(state, self.folder)
         group = self.svi.process_group
-        rngs = distributed._gather_objects(_rng_state(), group) if group else [_rng_state()]
+        rngs = distributed.gather_objects(rng_state(), group) if group else [rng_state()]
         problem = None
         if group is None or distributed.is_main(group):
             from . import checkpoint
@@ -858,7 +703,7 @@ class _Checkpoints(_Hook):
             except CheckpointError as e:
                 problem = str(e)
         if group is not None:
-            problem = distributed._broadcast_object(problem, group)
+            problem = distributed.broadcast_object(problem, group)
         if problem is not None:
             raise CheckpointError(problem)
         self.saved_at = state.history.num_steps
@@ -900,7 +745,7 @@ class _Preemption(_Hook):
         if group is None:
             return self.raised
         votes = torch.tensor([float(self.raised)], device=self.device)
-        distributed._all_reduce_sum(votes, group)
+        distributed.all_reduce_sum(votes, group)
         return bool(votes.item())
 
     def on_step_end(self, state: TrainState) -> None:
@@ -955,7 +800,7 @@ def _resume(
         )
     rngs = state.rng or []
     if rank < len(rngs) and saved.get("world_size", 1) == settings["world_size"]:
-        _set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank])
     else:  # another number of processes: same data order, fresh latent noise on the new ranks
         pyro.set_rng_seed(_rank_seed((state.seed + state.history.num_steps) % 2**32, rank))
     state.settings = settings
@@ -1124,7 +969,7 @@ def fit(
         pyro.set_rng_seed(_rank_seed(seed, rank))
     run_seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
     if group is not None and seed is None:
-        run_seed = distributed._broadcast_object(run_seed, group)
+        run_seed = distributed.broadcast_object(run_seed, group)
         pyro.set_rng_seed(_rank_seed(run_seed % 2**32, rank))
     svi = SVI(obj, functools.partial(_adam, lr=lr, eps=1e-8 if adam_eps is None else adam_eps),
               clip_grad_norm=clip_grad_norm, max_bad_steps=max_bad_steps, process_group=group)
@@ -1135,17 +980,17 @@ def fit(
         resume_path, state = _resume(resume, ckpt_dir, state, settings, rank)
         ckpt_dir = ckpt_dir if ckpt_dir is not None else resume_path.parent
     elif group is not None:
-        distributed._broadcast_module(vae, group)
+        distributed.broadcast_module(vae, group)
     state.to(device)
     if adam_eps is not None:  # also over a resumed optimizer's saved eps
         for group_ in state.optimizer.param_groups:
             group_["eps"] = adam_eps
     config = config if config is not None else getattr(vae, "config", None)
     if ckpt_dir is not None and main:
-        from .checkpoint import _remove_stale_temporaries, save_config
+        from .checkpoint import remove_stale_temporaries, save_config
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(ckpt_dir / "checkpoint.pt")
+        remove_stale_temporaries(ckpt_dir / "checkpoint.pt")
         if config is not None:
             save_config(ckpt_dir, config)
 

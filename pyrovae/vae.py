@@ -218,7 +218,9 @@ class VAE(PyroModule):
         support = (self._probe_likelihood() if px is None else px).support
         binary = getattr(support, "base_constraint", None) is dist.constraints.boolean
         hint = (
-            "binarize it first (e.g. binarize='dynamic' in pyrovae.data, or torch.bernoulli(x))"
+            "binarize it first (e.g. binarize='dynamic' in pyrovae.data, or torch.bernoulli(x)), "
+            "or keep its grey values with a continuous likelihood (ContinuousBernoulli or "
+            "Gaussian)"
             if binary
             else "rescale it or choose a likelihood whose support contains it"
         )

@@ -112,7 +112,7 @@ def _old_run(tmp_path: Path, monkeypatch) -> pyrovae.VAE:
     """A run folder as pyrovae wrote it before logit_rank existed: a dense head, no option."""
     old = build_vae(_config(logit_rank=0), num_data=10)
     with monkeypatch.context() as m:
-        m.setattr("pyrovae.build._pin_options", lambda config: config)  # the old writer
+        m.setattr("pyrovae.build.pin_options", lambda config: config)  # the old writer
         save_checkpoint(tmp_path, old, config=_config())
         pyrovae.checkpoint.save_config(tmp_path, _config())
     assert "logit_rank" not in (tmp_path / CONFIG_NAME).read_text()

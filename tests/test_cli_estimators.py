@@ -12,7 +12,8 @@ import torch
 
 from conftest import assert_close, needs_cxx
 from pyrovae import ais, bdmc, load_model, log_likelihood
-from pyrovae.cli import _fixed_test_set, main
+from pyrovae.cli import main
+from pyrovae.workflow import _fixed_test_set
 from pyrovae.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from pyrovae import diagnose, gaps, load_model
-from pyrovae.cli import _fixed_test_set, main
+from pyrovae.cli import main
+from pyrovae.workflow import _fixed_test_set
 from pyrovae.data import load_dataset
 
 TRAIN = ["--check-points", "0", "--hidden-dims", "16", "--latent-dim", "2", "--epochs", "1", "--eval-points", "10",

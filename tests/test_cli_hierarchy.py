@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pyrovae import BottomUp, Hierarchical, load_model, log_likelihood
-from pyrovae.cli import _fixed_test_set, main
+from pyrovae.cli import main
+from pyrovae.workflow import _fixed_test_set
 from pyrovae.data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

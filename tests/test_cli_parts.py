@@ -47,7 +47,8 @@ def test_train_swaps_from_the_command_line(tmp_path, capsys, args, expect):
 @pytest.mark.parametrize("args, message", [
     (["--prior", "vamp", "--family", "planar"], "VampPrior needs a variational family that"),
     (["--prior", "vamp", "--family", "local"], "--family diagonal"),
-    (["--binarize", "none"], "binarize it first (--binarize dynamic)"),
+    (["--binarize", "none"], "binarize it first (--binarize dynamic), or keep its grey values with "
+     "a continuous likelihood (--likelihood continuous_bernoulli or --likelihood gaussian)"),
     (["--dataset", "mnist", "--data-root", "/nonexistent/folder"], "--data-root"),
     (["--loss", "elbo", "--gradient", "dreg"], "use --loss iwae"),
     (["--loss", "iwae", "--compile"], "train without compile=True (--compile)"),
@@ -152,3 +153,51 @@ def test_a_run_remembers_its_data_root(tmp_path, monkeypatch, real_data_root):
     monkeypatch.delenv("PYROVAE_DATA", raising=False)
     assert main(["evaluate", str(run), "--num-samples", "5", "--eval-points", "5",
                  "--check-points", "0", "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------------ the parser, before torch
+_NO_TORCH = """
+import sys
+from pyrovae.cli import main
+try:
+    main({argv!r})
+except SystemExit as e:
+    code = e.code
+assert "torch" not in sys.modules and "pyro" not in sys.modules, "the parser imported torch"
+print("exit", code)
+"""
+
+
+@pytest.mark.parametrize("argv, code", [
+    (["--help"], 0), (["train", "--help"], 0), (["gaps", "--help"], 0),
+    (["train", "--epochs", "x"], 2), (["train", "--bogus"], 2), (["evaluate"], 2), ([], 2),
+], ids=["help", "train-help", "gaps-help", "bad-int", "unknown-option", "missing-run", "no-command"])
+def test_help_and_argument_errors_answer_before_torch_is_imported(argv, code):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _NO_TORCH.format(argv=argv)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"exit {code}")
+
+
+def test_every_option_has_help_and_every_command_a_description():
+    import argparse
+
+    from pyrovae.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(commands.choices) == {"train", "evaluate", "sample", "bdmc", "gaps"}
+    for name, sub in commands.choices.items():
+        assert sub.description, f"pyrovae {name} --help has no description"
+        for action in sub._actions:
+            assert action.help, f"pyrovae {name}: {action.option_strings or action.dest} has no help"
+
+
+def test_the_parser_names_the_registered_parts():
+    from pyrovae import build, cli
+
+    assert list(cli.PRIORS) == sorted(build.PRIORS)
+    assert list(cli.FAMILIES) == sorted(build.FAMILIES)
+    assert list(cli.LIKELIHOODS) == sorted(build.LIKELIHOODS)

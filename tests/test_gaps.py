@@ -20,7 +20,8 @@ from torch.nn import functional as F
 from pyrovae import VAE, Gaussian, StandardNormal
 from pyrovae.errors import ConfigError, DataError, ImportanceSamplingWarning
 from pyrovae.families import DiagonalNormal
-from pyrovae.gaps import GapResult, gaps, plot_gaps
+from pyrovae.gaps import GapResult, gaps
+from pyrovae.plots import plot_gaps
 
 L, D, S = 2, 4, 0.5
 

@@ -15,7 +15,8 @@ from matplotlib.collections import PathCollection
 
 from pyrovae.diagnostics import ActiveUnits, KLPerDimension
 from pyrovae.errors import ConfigError, DataError
-from pyrovae.gaps import GapResult, plot_gaps
+from pyrovae.gaps import GapResult
+from pyrovae.plots import plot_gaps
 from pyrovae.importance import IWAEBounds, LogLikelihood
 from pyrovae.plots import (
     latent_manifold,

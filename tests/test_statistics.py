@@ -17,15 +17,13 @@ from conftest import assert_close
 from mixture_1d import Identity1D
 from pyrovae import VAE, Gaussian, StandardNormal
 from pyrovae.ais import _chain_stderr
-from pyrovae.diagnostics import _mean_stderr as diagnostics_mean_stderr
 from pyrovae.diagnostics import mutual_information
 from pyrovae.evaluation import mean_stderr
 from pyrovae.importance import LogLikelihood, effective_sample_size, psis_khat
 
 
 # ------------------------------------------------------------------ standard errors
-@pytest.mark.parametrize("fn", [mean_stderr, diagnostics_mean_stderr],
-                         ids=["evaluation", "diagnostics"])
+@pytest.mark.parametrize("fn", [mean_stderr], ids=["evaluation"])
 def test_mean_stderr_by_hand(fn):
     """[1, 2, 3, 4, 10]: mean 4, unbiased variance (9+4+1+0+36)/4 = 12.5, standard error
     sqrt(12.5 / 5) = sqrt(2.5) -- not the standard deviation sqrt(12.5), nor the biased
