@@ -100,7 +100,8 @@ def reconstruction_grid(
     path: str | Path | None = None,
     scale: int = 1,
 ) -> torch.Tensor:
-    """Inputs and their reconstructions in alternating rows (each row up to 8 images)."""
+    """Inputs and their reconstructions in alternating rows (each row up to 8 images): rows 1, 3,
+    5, ... are the inputs, and the row below each its reconstructions (``vae.reconstruct``)."""
     x = x[:64]
     recon = vae.reconstruct(x).to(x.device)
     rows = []
@@ -431,6 +432,9 @@ def plot_gaps(
     Left panel: the three bounds (nats per datapoint); right panel: the approximation and
     amortization gaps, one group of bars per quantity, one bar per model.
 
+    Each bar's value is written beyond its error bar's cap (above a positive bar, below a negative
+    one), so that label and error bar never overlap.
+
     Error bars are standard errors of the mean over datapoints, of what each panel compares.
     The three bounds are measured on the *same* datapoints, whose :math:`\log p(x)` differ by
     tens of nats, so the standard error of each bound alone (printed under the panel) is far
@@ -484,8 +488,14 @@ def plot_gaps(
                 source = error_of[q]
                 e = float("nan") if source is None else summary[source][1]
                 errs.append(0.0 if math.isnan(e) else e)
-            bars = ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+            ax.bar(xs, means, width, yerr=errs, capsize=3, label=label)
+            for xpos, mean, err in zip(xs, means, errs):
+                # beyond the error bar's cap, never across it: above a bar that rises, below one
+                # that falls
+                up = mean >= 0
+                ax.annotate(f"{mean:.2f}", xy=(xpos, mean + err if up else mean - err),
+                            xytext=(0, 2 if up else -2), textcoords="offset points",
+                            ha="center", va="bottom" if up else "top", fontsize=7)
         ax.set_xticks(range(len(quantities)), [name for _, name in quantities])
         ax.set_ylabel("nats per datapoint")
         ax.axhline(0, color="black", linewidth=0.5)

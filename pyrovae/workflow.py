@@ -545,7 +545,7 @@ def _train_into(args: argparse.Namespace, out: Path, config: Any, vae: VAE, loss
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         raise error from None
     print(f"wrote {out}/: metrics.json config.json checkpoint.pt samples.png reconstructions.png "
-          f"training_curve.png{two_d}")
+          f"(odd rows: test images, even rows: their reconstructions) training_curve.png{two_d}")
     print(f"next: pyrovae evaluate {out} (K=5000, or --estimator ais) | pyrovae sample {out} | "
           f"pyrovae gaps {out} | pyrovae bdmc {out}")
     return 0

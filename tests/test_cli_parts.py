@@ -38,7 +38,9 @@ def test_train_swaps_from_the_command_line(tmp_path, capsys, args, expect):
     vae = load_model(run)
     for key, value in expect.items():
         assert getattr(vae.config, key) == value
-    assert "test log-likelihood" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test log-likelihood" in printed
+    assert "reconstructions.png (odd rows: test images, even rows: their reconstructions)" in printed
     # a 2-D latent space gets its manifold, codes and interpolations drawn
     for picture in ("samples.png", "manifold.png", "latent_scatter.png", "interpolation.png"):
         assert (run / picture).stat().st_size > 1000, picture

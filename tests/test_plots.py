@@ -201,3 +201,25 @@ def test_torchvision_is_imported_only_to_draw_an_image_grid(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     _png(tmp_path / "grid.png")
+
+
+def test_plot_gaps_labels_sit_beyond_the_error_caps(tmp_path):
+    """Each value label is anchored at the bar's end plus its error bar (minus, for a negative
+    bar) and offset away from the bar, so the label never overlaps the error bar."""
+    result = _gap_result()
+    fig = plot_gaps(result)
+    s = result.summary()
+    expected = {  # value -> (anchor, direction)
+        round(s["log_px"][0], 2): (s["log_px"][0], -1),
+        round(s["elbo_optimal"][0], 2): (s["elbo_optimal"][0] - s["approximation_gap"][1], -1),
+        round(s["elbo_amortized"][0], 2): (s["elbo_amortized"][0] - s["inference_gap"][1], -1),
+        round(s["approximation_gap"][0], 2): (s["approximation_gap"][0] + s["approximation_gap"][1], 1),
+        round(s["amortization_gap"][0], 2): (s["amortization_gap"][0] + s["amortization_gap"][1], 1),
+    }
+    labels = [t for ax in fig.axes for t in ax.texts]
+    assert len(labels) == 5
+    for t in labels:
+        anchor, direction = expected[float(t.get_text())]
+        assert t.xy[1] == pytest.approx(anchor)
+        assert t.xyann[1] * direction > 0  # offset away from the bar, past the cap
+        assert t.get_va() == ("bottom" if direction > 0 else "top")
