@@ -47,7 +47,16 @@ if TYPE_CHECKING:  # what a type checker and an IDE see; at run time each name l
         mutual_information,
     )
     from .gaps import GapResult, gaps
-    from .importance import IWAEBounds, LogLikelihood, elbo, iwae_bounds, log_likelihood, log_weights
+    from .importance import (
+        ELBOEstimate,
+        IWAEBounds,
+        LogLikelihood,
+        elbo,
+        iwae_bounds,
+        log_likelihood,
+        log_weights,
+    )
+    from .options import EstimateOptions
     from .ais import AISResult, BDMCResult, ais, bdmc
     from .evaluation import Estimate
     from .losses import IWAE, ReparamELBO
@@ -107,7 +116,9 @@ __all__ = [
     "AISResult",
     "BDMCResult",
     "Estimate",
+    "EstimateOptions",
     "elbo",
+    "ELBOEstimate",
     "log_weights",
     "LogLikelihood",
     "iwae_bounds",
@@ -202,6 +213,8 @@ _EXPORTS = {
     "GapResult": "gaps",
     "gaps": "gaps",
     "IWAEBounds": "importance",
+    "ELBOEstimate": "importance",
+    "EstimateOptions": "options",
     "LogLikelihood": "importance",
     "elbo": "importance",
     "iwae_bounds": "importance",

@@ -63,13 +63,11 @@ from pyro.ops.integrator import velocity_verlet
 
 from ._checks import check_positive_float, check_positive_int
 from .errors import ConfigError, PyrovaeWarning
+from .options import EstimateOptions, resolve_options
 from .evaluation import (
     Scorable,
-    DEFAULT_MAX_BYTES,
     Estimate,
     Program,
-    check_budget,
-    check_local,
     chunks,
     gather_parts,
     no_draws,
@@ -486,6 +484,12 @@ def _convergence(values: torch.Tensor, chain_se: torch.Tensor, check_log_w: torc
                 total_stderr=total, converged=converged, convergence=line)
 
 
+#: The fields of :class:`~pyrovae.options.EstimateOptions` that :func:`ais` and :func:`bdmc`
+#: took as keywords before ``options`` existed (still taken).
+_AIS_KEYWORDS = ("max_bytes", "seed", "progress", "local", "process_group")
+_BDMC_KEYWORDS = ("max_bytes", "seed", "progress", "local")
+
+
 def ais(
     vae: Scorable,
     data: Any,
@@ -498,11 +502,8 @@ def ais(
     target_acceptance: float = TARGET_ACCEPTANCE,
     convergence_check: bool = True,
     max_intermediate: int | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    seed: int | None = None,
-    progress: bool = False,
-    local: str | None = None,
-    process_group: Any = False,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> AISResult:
     r"""Estimate :math:`\log p(x)` of each datapoint by annealed importance sampling.
 
@@ -534,24 +535,26 @@ def ais(
     :param max_intermediate: adaptive schedule: while the convergence check fails, run again
         with 4x the steps (the previous run, at a quarter of them, is its check) up to this
         many; the result's ``num_intermediate`` is the ``T`` used. ``None`` (default): one ``T``.
-    :param max_bytes: memory budget (chains x datapoints per batch follow from it).
-    :param seed: seeds every draw (the global RNG is left as it was).
-    :param progress: show a progress bar.
-    :param local: for a per-datapoint family with ``start="encoder"``: see
-        :func:`pyrovae.log_likelihood` (``"fit"`` is not offered here: use ``start="prior"``).
-    :param process_group: ``False`` (default), ``True`` or a ``ProcessGroup``: split the
-        datapoints across the ranks and gather, as in :func:`pyrovae.log_likelihood` (each
-        datapoint's chains and step size are its own, so the values equal one process's for the
-        same ``seed``).
+    :param options: how the estimate is computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it, as before ``options`` existed: ``max_bytes``,
+        ``seed``, ``progress``, ``local``, ``process_group``). The budget sets the chains x
+        datapoints per batch; ``seed`` seeds every draw; ``local="lookup"`` serves a
+        per-datapoint family with ``start="encoder"`` on its own data (``"fit"`` is not offered
+        here: use ``start="prior"``); under a ``process_group`` each datapoint's chains and step
+        size are its own, so the values equal one process's for the same ``seed``.
+        ``compile=True`` is refused (AIS runs through Pyro's tracing).
+    :param keywords: the fields of ``options`` as keywords (see ``options``).
     :returns: an :class:`AISResult` (with the per-datapoint acceptance rates).
     """
+    options = resolve_options(options, keywords, "ais", takes=_AIS_KEYWORDS)
+    options.refuse("ais", "compile")
+    seed = options.seed
     _check_options(num_intermediate, num_chains, leapfrog_steps, start, step_size)
     target = check_positive_float(target_acceptance, "target_acceptance")
     program = Program.resolve(vae, "vae")
-    max_bytes, _ = check_budget(max_bytes, None)
-    if check_local(local) != "lookup" and start != "prior":
+    if options.local != "lookup" and start != "prior":
         refuse_local(program, f"ais with start={start!r}")
-    group = resolve_group(process_group, program)
+    group = resolve_group(options.process_group, program)
     if max_intermediate is not None:
         check_positive_int(max_intermediate, "max_intermediate")
         if not convergence_check:
@@ -564,15 +567,16 @@ def ais(
         parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in steps]
         with evaluating(program.modules, run_seed), frozen(program.modules):
             for x, idx, _, _ in chunks(
-                program, data, num_chains, max_bytes=max_bytes, progress=progress, desc="AIS",
+                program, data, num_chains, max_bytes=options.max_bytes,
+                max_rows=options.max_rows, progress=options.progress, desc="AIS",
                 need_guide=start != "prior", factor=_AUTOGRAD_FACTOR, seed=run_seed,
                 group=group,
             ):
                 _check_density(program, x, idx, start)
-                options = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps,
+                hmc = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps,
                                start=start, step_size=step_size, target=target)
                 for k, T in enumerate(steps):
-                    parts[k].append(_anneal(program, x, idx, sigmoid_schedule(T), **options))
+                    parts[k].append(_anneal(program, x, idx, sigmoid_schedule(T), **hmc))
         return [tuple(gather_parts([p[i] for p in ps], group, *where, dtype)
                       for i, where in enumerate([(1, (num_chains, 0)), (0, (0,)), (0, (0,))]))
                 for ps in parts]
@@ -633,10 +637,8 @@ def bdmc(
     target_acceptance: float = TARGET_ACCEPTANCE,
     is_samples: tuple[int, ...] | None = (1000, 5000),
     example: torch.Tensor | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    seed: int | None = None,
-    progress: bool = False,
-    local: str | None = None,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> BDMCResult:
     r"""Bidirectional Monte Carlo (Grosse et al. 2015) on ``num_points`` simulated datapoints.
 
@@ -657,16 +659,23 @@ def bdmc(
     :param num_points: simulated datapoints.
     :param is_samples: the ``K`` of the importance-sampling comparison (``None``: skip it).
     :param example: for a pair, a tensor ``(n, ...)`` whose row shape the data have.
-    :param local: for a per-datapoint family (which needs ``start="prior"``): the proposals of
-        the importance-sampling comparison, as for :func:`pyrovae.log_likelihood` (``"fit"``
-        fits each simulated point's own).
+    :param options: how the estimate is computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it, as before ``options`` existed: ``max_bytes``,
+        ``seed``, ``progress``, ``local``). ``local``: for a per-datapoint family (which needs
+        ``start="prior"``), the proposals of the importance-sampling comparison, as for
+        :func:`pyrovae.log_likelihood` (``"fit"`` fits each simulated point's own). The
+        comparison draws with ``seed + 1``. BDMC runs in one process and through Pyro's
+        tracing: ``process_group`` and ``compile`` are refused.
+    :param keywords: the fields of ``options`` as keywords (see ``options``).
     :returns: a :class:`BDMCResult` (``values``: the per-datapoint widths).
     """
+    options = resolve_options(options, keywords, "bdmc", takes=_BDMC_KEYWORDS)
+    options.refuse("bdmc", "process_group", "compile")
+    seed = options.seed
     _check_options(num_intermediate, num_chains, leapfrog_steps, start, step_size)
     target = check_positive_float(target_acceptance, "target_acceptance")
     num_points = check_positive_int(num_points, "num_points")
     program = Program.resolve(vae, "vae")
-    max_bytes, _ = check_budget(max_bytes, None)
     if start != "prior":
         refuse_local(program, f"bdmc with start={start!r}")
     if program.vae is None and example is None:
@@ -689,19 +698,19 @@ def bdmc(
         betas = sigmoid_schedule(num_intermediate)
         from .evaluation import rows_per_chunk
 
-        rows = rows_per_chunk(program, max_bytes, None, _AUTOGRAD_FACTOR)
+        rows = rows_per_chunk(program, options.max_bytes, options.max_rows, _AUTOGRAD_FACTOR)
         points = max(1, rows // num_chains)
         from tqdm.auto import tqdm
 
-        with tqdm(total=num_points, desc="BDMC", unit="pt", disable=not progress, leave=False) as bar:
+        with tqdm(total=num_points, desc="BDMC", unit="pt", disable=not options.progress, leave=False) as bar:
             for s in range(0, num_points, points):
                 x, idx = x_all[s : s + points], idx_all[s : s + points]
                 z = {k: v[s : s + points] for k, v in z_all.items()}
                 _check_density(program, x, idx, start)
-                options = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps, start=start,
+                hmc = dict(num_chains=num_chains, leapfrog_steps=leapfrog_steps, start=start,
                                step_size=step_size, target=target)
-                lowers.append(_anneal(program, x, idx, betas, **options))
-                uppers.append(_anneal(program, x, idx, betas.flip(0), z_init=z, **options))
+                lowers.append(_anneal(program, x, idx, betas, **hmc))
+                uppers.append(_anneal(program, x, idx, betas.flip(0), z_init=z, **hmc))
                 bar.update(int(x.shape[0]))
     common = dict(num_intermediate=num_intermediate, leapfrog_steps=leapfrog_steps, start=start)
 
@@ -716,7 +725,7 @@ def bdmc(
 
         importance = iwae_bounds(
             vae, x_all.cpu() if program.vae is None else x_all, tuple(is_samples),
-            max_bytes=max_bytes, seed=None if seed is None else seed + 1, local=local,
+            options=options.seeded(1).replace(progress=False),
         )
     width = upper.values - lower.values
     mean, stderr = mean_stderr(width)

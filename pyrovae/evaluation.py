@@ -46,19 +46,16 @@ from pyro.poutine.util import site_is_subsample
 from torch.utils.data import Dataset
 
 from ._batching import IndexedTensor, as_dataset
-from ._checks import check_positive_int, check_seed, to_device
+from ._checks import check_seed, to_device
 from ._compile import compile_direct
 from .errors import ConfigError, DataError
+from .options import DEFAULT_MAX_BYTES
 
 __all__ = [
     "Estimate", "Program", "evaluating", "chunks", "batch_seed", "gather_parts",
     "resolve_group",
     "mean_stderr", "DEFAULT_MAX_BYTES",
 ]
-
-#: Default memory budget of one decoder call (bytes of the distributions' tensors, times
-#: :data:`_WORKSPACE_FACTOR` for the temporaries that ``log_prob`` and autograd create).
-DEFAULT_MAX_BYTES = 256 * 2**20
 
 #: Default cap on rows (draws x datapoints) per decoder call: 1,000-4,000 rows keep a CPU
 #: decoder cache-resident (DESIGN.md); also the chunking the estimators used before the byte
@@ -696,13 +693,6 @@ def rows_per_chunk(program: Program, max_bytes: int, max_rows: int | None, facto
     return max(1, min(cap, by_bytes))
 
 
-def check_budget(max_bytes: Any, max_rows: Any) -> tuple[int, int | None]:
-    max_bytes = check_positive_int(max_bytes, "max_bytes")
-    if max_rows is not None:
-        max_rows = check_positive_int(max_rows, "max_rows")
-    return max_bytes, max_rows
-
-
 def batch_seed(seed: int, batch: int) -> int:
     """The seed of batch ``batch``'s draws under the estimators' ``seed``: ``seed`` itself for
     the first batch, and a distinct 64-bit seed per later batch (golden-ratio increments)."""
@@ -813,8 +803,3 @@ def refuse_local(program: Program, what: str) -> None:
             "if the data are exactly the datapoints (and indices) the family was fitted on"
         )
 
-
-def check_local(local: Any) -> str | None:
-    if local not in (None, "fit", "lookup"):
-        raise ConfigError(f"local must be None, 'fit' or 'lookup', got {local!r}")
-    return local

@@ -52,16 +52,14 @@ from .ais import AISConvergenceWarning, ais, start_for
 from .errors import ConfigError, ImportanceSamplingWarning
 from .evaluation import (
     Scorable,
-    DEFAULT_MAX_BYTES,
     Estimate,
     Program,
-    check_budget,
-    check_local,
     mean_stderr,
     refuse_local,
 )
 from .importance import elbo, log_likelihood
 from .local import check_family, optimal_elbo
+from .options import EstimateOptions, resolve_options
 
 __all__ = ["GapResult", "gaps", "optimal_elbo"]
 
@@ -228,6 +226,12 @@ class GapResult(Estimate):
         ) + (f"; UNRESOLVED: {self.unresolved}" if self.unresolved else "")
 
 
+#: The fields of :class:`~pyrovae.options.EstimateOptions` that :func:`gaps` took as keywords
+#: before ``options`` existed (still taken), and its default options (seeded with 0).
+_KEYWORDS = ("max_bytes", "max_rows", "seed", "progress", "local")
+_DEFAULTS = EstimateOptions(seed=0)
+
+
 def gaps(
     vae: Scorable,
     data: Any,
@@ -243,11 +247,8 @@ def gaps(
     max_decays: int = 4,
     log_px: str = "best",
     ais_options: dict[str, Any] | None = None,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    seed: int | None = 0,
-    progress: bool = False,
-    local: str | None = None,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> GapResult:
     r"""Decompose the inference gap of ``vae`` on ``data`` into approximation and amortization gaps.
 
@@ -293,50 +294,43 @@ def gaps(
         convergence check; where it finds AIS still moving, or its error above
         :data:`RESOLUTION`, the result says so in ``unresolved``). ``start="prior"`` by default for a
         family that evaluates q(z|x) only at its own samples (planar, radial).
-    :param max_bytes: memory budget of one decoder call when evaluating.
-    :param max_rows: optional cap on rows per decoder call when evaluating.
-    :param seed: seeds every draw (``None``: use the global RNG); the global RNG is restored.
-    :param progress: show progress bars.
-    :param local: for a per-datapoint family: ``"lookup"`` (the data are the family's own
-        datapoints); otherwise such a family is refused (its amortized ELBO on other data is
-        meaningless).
+    :param options: how the estimates are computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it, as before ``options`` existed: ``max_bytes``,
+        ``max_rows``, ``seed``, ``progress``, ``local``). Default: ``EstimateOptions(seed=0)``
+        (gaps is seeded unless told otherwise; an ``options`` object passed is taken as it is,
+        so ``EstimateOptions(max_rows=512)`` draws from the global RNG: add ``seed=0``). The
+        four estimates draw with ``seed``, ``seed + 1`` (:math:`\mathcal L[q]`), ``seed + 2``
+        (:math:`q^*`) and ``seed + 3`` (AIS; AIS keeps its own row cap, ``max_rows`` is for
+        the other three). ``local``: for a per-datapoint family, ``"lookup"`` (the data are the
+        family's own datapoints); otherwise such a family is refused (its amortized ELBO on
+        other data is meaningless). ``process_group`` and ``compile`` are refused.
+    :param keywords: the fields of ``options`` as keywords (see ``options``).
     :returns: a :class:`GapResult`.
     """
+    options = resolve_options(options, keywords, "gaps", takes=_KEYWORDS, default=_DEFAULTS)
+    options.refuse("gaps", "process_group", "compile")
+    seed = options.seed
     num_samples = check_positive_int(num_samples, "num_samples")
     num_elbo_samples = check_positive_int(num_elbo_samples, "num_elbo_samples")
-    max_bytes, max_rows = check_budget(max_bytes, max_rows)
     check_family(vae)
     program = Program.resolve(vae, "vae")
-    local = check_local(local)
-    if local != "lookup":
+    if options.local != "lookup":
         refuse_local(program, "gaps")
     if log_px not in ("best", "is", "ais"):
         raise ConfigError(f"log_px must be 'best', 'is' or 'ais', got {log_px!r}")
-    options = dict(_GAPS_AIS)
+    annealing = dict(_GAPS_AIS)
     family = getattr(vae, "family", None)  # (None for a (model, guide) pair)
     if family is not None:  # a per-datapoint family is scored on its own points here (lookup)
-        options["start"] = start_for(family, new_points=False)
+        annealing["start"] = start_for(family, new_points=False)
     if ais_options is not None:
         if not isinstance(ais_options, dict):
             raise ConfigError(f"ais_options must be a dict of pyrovae.ais arguments, got {ais_options!r}")
-        options.update(ais_options)
+        annealing.update(ais_options)
     with warnings.catch_warnings():
         # The GapResult carries k-hat; its share is reported there instead of a warning here.
         warnings.simplefilter("ignore", ImportanceSamplingWarning)
-        ll = log_likelihood(
-            vae, data, num_samples, max_bytes=max_bytes, max_rows=max_rows, seed=seed,
-            progress=progress, local=local,
-        )
-    amortized = elbo(
-        vae,
-        data,
-        num_elbo_samples,
-        max_bytes=max_bytes,
-        max_rows=max_rows,
-        seed=None if seed is None else seed + 1,
-        progress=progress,
-        local=local,
-    )
+        ll = log_likelihood(vae, data, num_samples, options=options)
+    amortized = elbo(vae, data, num_elbo_samples, options=options.seeded(1))
     optimized, steps = optimal_elbo(
         vae,
         data,
@@ -348,11 +342,7 @@ def gaps(
         check_every=check_every,
         tol=tol,
         max_decays=max_decays,
-        max_bytes=max_bytes,
-        max_rows=max_rows,
-        seed=None if seed is None else seed + 2,
-        progress=progress,
-        local=local,
+        options=options.seeded(2),
     )
     candidates = {"is": ll.mean}
     best, estimator = ll.values, "is"
@@ -361,8 +351,9 @@ def gaps(
     if log_px in ("best", "ais"):
         with warnings.catch_warnings():  # said in the result's `unresolved` instead
             warnings.simplefilter("ignore", AISConvergenceWarning)
-            annealed = ais(vae, data, seed=None if seed is None else seed + 3,
-                           progress=progress, max_bytes=max_bytes, local=local, **options)
+            # AIS keeps its default row cap: max_rows bounds the other three estimates
+            annealed = ais(vae, data, options=options.seeded(3).replace(max_rows=None),
+                           **annealing)
         candidates["ais"] = annealed.mean
         # Both are stochastic lower bounds: the larger mean wins. Where PSIS certifies the IS
         # weights (k-hat > 0.7 for at most 1% of the datapoints), AIS must be larger by more
@@ -401,7 +392,7 @@ def gaps(
         "tol": tol,
         "max_decays": max_decays,
         "log_px": log_px,
-        "ais": options if log_px != "is" else None,
+        "ais": annealing if log_px != "is" else None,
         "seed": seed,
     }
     return GapResult.build(best, optimal, amortized.values, khat, steps, settings, estimator,

@@ -62,11 +62,8 @@ from ._checks import check_positive_int
 from .errors import ConfigError, ImportanceSamplingWarning
 from .evaluation import (
     Scorable,
-    DEFAULT_MAX_BYTES,
     Estimate,
     Program,
-    check_budget,
-    check_local,
     gather_parts,
     resolve_group,
     chunks,
@@ -76,9 +73,11 @@ from .evaluation import (
     rows_per_chunk,
 )
 from .local import fitted_programs
+from .options import EstimateOptions, resolve_options
 
 __all__ = [
     "LogLikelihood",
+    "ELBOEstimate",
     "IWAEBounds",
     "log_weights",
     "log_likelihood",
@@ -180,6 +179,37 @@ class LogLikelihood(Estimate):
         text = f"{head} (K={self.num_samples}, n={self.num_datapoints})"
         rel = self.reliability()
         return f"{text}, {rel}" if rel else text
+
+
+@dataclass(frozen=True)
+class ELBOEstimate(Estimate):
+    r"""Per-datapoint ELBOs and their summary (an :class:`~pyrovae.evaluation.Estimate`), from
+    :func:`elbo`.
+
+    :ivar values: per-datapoint ELBO estimates :math:`\frac1K \sum_k w_k`, shape
+        ``(num_datapoints,)`` (nats).
+    :ivar mean: their mean (nats per datapoint).
+    :ivar stderr: the standard error of the mean over datapoints.
+    :ivar num_samples: ``K``, the draws per datapoint.
+    :ivar num_nonfinite_weights: datapoints with at least one non-finite log-weight (``-inf``:
+        a draw of zero density under the model; ``nan``/``+inf``: a broken density).
+    """
+
+    num_samples: int = 1
+    num_nonfinite_weights: int = 0
+
+    def __str__(self) -> str:
+        why = self.why_not_finite()
+        head = (
+            f"not finite: {why}" if why is not None else f"{self.mean:.2f} ± {self.stderr:.2f} nats"
+        )
+        text = f"{head} (K={self.num_samples}, n={self.num_datapoints})"
+        if self.num_nonfinite_weights:
+            text += (
+                f", {self.num_nonfinite_weights} of {self.num_datapoints} datapoints had "
+                "non-finite log-weights (-inf: zero density under the model)"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -355,28 +385,24 @@ def _weight_batches(
     program: Program,
     data: Any,
     num_samples: int,
+    options: EstimateOptions,
     *,
-    max_bytes: int,
-    max_rows: int | None,
-    progress: bool,
     desc: str,
-    local: str | None,
-    local_options: dict[str, Any] | None = None,
-    seed: int | None = None,
     group: Any = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the log-weights ``(num_samples, batch)`` of consecutive batches covering ``data``
     (this rank's batches under a process ``group``)."""
-    if not program.amortized and local == "fit":
-        for sub, x, idx in fitted_programs(program, data, **(local_options or {})):
+    if not program.amortized and options.local == "fit":
+        for sub, x, idx in fitted_programs(program, data):
             sub.analyze(x, idx)
-            yield _draw(sub, x, idx, num_samples, rows_per_chunk(sub, max_bytes, max_rows))
+            rows = rows_per_chunk(sub, options.max_bytes, options.max_rows)
+            yield _draw(sub, x, idx, num_samples, rows)
         return
-    if local != "lookup":
+    if options.local != "lookup":
         refuse_local(program, desc)
     for x, idx, per_chunk, _ in chunks(
-        program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows, progress=progress,
-        desc=desc, seed=seed, group=group,
+        program, data, num_samples, max_bytes=options.max_bytes, max_rows=options.max_rows,
+        progress=options.progress, desc=desc, seed=options.seed, group=group,
     ):
         parts = []
         for k0 in range(0, num_samples, per_chunk):
@@ -392,15 +418,18 @@ def _draw(program: Program, x: torch.Tensor, idx: torch.Tensor, num_samples: int
     return torch.cat(parts, 0)
 
 
-def _compiled(program: Program, compile: Any, local: str | None) -> Program:
-    """``program`` with its importance weights compiled if ``compile`` (see
-    :meth:`Program.compile`); refused for ``local="fit"``, whose proposals are new programs."""
-    if compile is True and local == "fit":
+def _prepared(vae: Scorable, options: EstimateOptions) -> tuple[Program, Any]:
+    """The program to score (its importance weights compiled if ``options.compile``, see
+    :meth:`Program.compile`; refused for ``local="fit"``, whose proposals are new programs) and
+    the process group the datapoints are split over."""
+    program = Program.resolve(vae, "vae")
+    group = resolve_group(options.process_group, program, options.local)
+    if options.compile and options.local == "fit":
         raise ConfigError(
             "compile=True compiles the amortized encoder's importance weights; local='fit' "
             "fits a new proposal per datapoint: estimate without compile=True (--compile)"
         )
-    return program.compile(compile)
+    return program.compile(options.compile), group
 
 
 def _sum(count: int, group: Any) -> int:
@@ -423,15 +452,10 @@ def log_likelihood(
     data: Any,
     num_samples: int = 1000,
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    seed: int | None = None,
-    progress: bool = False,
     diagnostics: bool = True,
     warn_share: float = 0.01,
-    local: str | None = None,
-    process_group: Any = False,
-    compile: bool = False,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> LogLikelihood:
     r"""Estimate :math:`\log p(x)` of each datapoint by importance sampling with ``K`` draws.
 
@@ -448,53 +472,29 @@ def log_likelihood(
     :param num_samples: ``K``, importance samples per datapoint (>= 1). ``K = 1`` gives an
         unbiased estimate of the ELBO; the estimate is a lower bound in expectation that tightens
         as ``K`` grows (Burda et al. 2016).
-    :param max_bytes: memory budget of one decoder call, in bytes of the distributions' tensors
-        (measured per row on a probe; default 256 MiB).
-    :param max_rows: optional cap on rows (draws x datapoints) per decoder call (default 2048,
-        a CPU decoder's sweet spot).
-    :param seed: if given, the draws are reproducible (the global RNG is left as it was): each
-        batch of datapoints is seeded by ``(seed, batch)``, so the values do not depend on how
-        many processes share the work.
-    :param progress: show a progress bar.
     :param diagnostics: also compute each datapoint's PSIS :math:`\hat k` and ESS (see
         :func:`psis_khat`, :func:`effective_sample_size`; cheap: ``arviz.psislw`` takes ~0.35 s
         per million weights, a few percent of the decoder's time).
     :param warn_share: issue an :class:`~pyrovae.errors.ImportanceSamplingWarning` when more than
         this share of datapoints has :math:`\hat k > 0.7` (the estimate is then not to be
         trusted: the proposal is too narrow).
-    :param local: for a family that keeps parameters per datapoint (``LocalNormal``, ``Local``):
-        ``"fit"`` fits each scored datapoint's own parameters with the decoder fixed (as for
-        :math:`q^*` in :func:`pyrovae.gaps`) and uses them as the proposal; ``"lookup"`` uses the
-        stored parameters of the data's indices (only for the very data the family was fitted
-        on); ``None`` (default) refuses such a family.
-    :param process_group: ``False`` (default): this process scores every datapoint. ``True``
-        (the default group, e.g. under ``torchrun``) or a ``ProcessGroup``: the batches of
-        datapoints are split across the ranks and the per-datapoint values gathered, so every
-        rank returns the whole result, identical to one process's for the same ``seed``; every
-        rank must call with the same arguments (see :mod:`pyrovae.distributed`).
-    :param compile: evaluate the weights of a :class:`~pyrovae.VAE` running its own program
-        (:meth:`~pyrovae.VAE.importance_log_weights`) through ``torch.compile``: the same draws
-        for the same seed and the same values to float rounding, ~15-25 % less time per datapoint
-        on a CPU at K = 5000 (it fuses the log-densities into a few passes; the decoder's matrix
-        products are left), after a one-off compilation of ~10-25 s (less from inductor's cache
-        on a later run) and one more for a new chunk shape. Needs a C++ compiler on a CPU. A
-        ``(model, guide)`` pair runs Pyro's tracing, which ``torch.compile`` does not take: it
-        is refused (:class:`~pyrovae.errors.ConfigError`), as is ``local="fit"``.
+    :param options: how the estimate is computed: memory budget (``max_bytes``, ``max_rows``),
+        ``seed``, ``progress``, ``local`` (a per-datapoint family), ``process_group`` and
+        ``compile`` (the importance weights through ``torch.compile``: same values, ~15-25 %
+        faster on a CPU); see :class:`~pyrovae.options.EstimateOptions`, whose defaults apply
+        when it is ``None``.
+    :param keywords: the fields of :class:`~pyrovae.options.EstimateOptions` as keywords
+        (``seed=0``, ``max_rows=1024``, ...), as before ``options`` existed; not beside
+        ``options``.
     :returns: a :class:`LogLikelihood` (with ``khat`` and ``ess`` when ``diagnostics``).
     """
-    program = Program.resolve(vae, "vae")
+    options = resolve_options(options, keywords, "log_likelihood")
+    program, group = _prepared(vae, options)
     num_samples = check_positive_int(num_samples, "num_samples")
-    max_bytes, max_rows = check_budget(max_bytes, max_rows)
-    local = check_local(local)
-    group = resolve_group(process_group, program, local)
-    program = _compiled(program, compile, local)
     values, khats, esss = [], [], []
     nonfinite = 0
-    with evaluating(program.modules, seed):
-        for w in _weight_batches(
-            program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
-            progress=progress, desc="log p(x)", local=local, seed=seed, group=group,
-        ):
+    with evaluating(program.modules, options.seed):
+        for w in _weight_batches(program, data, num_samples, options, desc="log p(x)", group=group):
             values.append(torch.logsumexp(w, 0) - math.log(num_samples))
             nonfinite += int((~torch.isfinite(w)).any(0).sum())
             if diagnostics:
@@ -534,13 +534,8 @@ def iwae_bounds(
     data: Any,
     num_samples: Sequence[int] = (1, 10, 100, 1000, 5000),
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-    local: str | None = None,
-    process_group: Any = False,
-    compile: bool = False,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> IWAEBounds:
     r"""IWAE bounds :math:`L_K` of each datapoint for several ``K`` in one pass.
 
@@ -553,9 +548,11 @@ def iwae_bounds(
 
     :param vae: a :class:`~pyrovae.VAE` or a ``(model, guide)`` pair (see :func:`log_likelihood`).
     :param num_samples: the ``K`` values (positive integers; sorted, duplicates dropped).
-    :param compile: as for :func:`log_likelihood`.
+    :param options: how the estimate is computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it), as for :func:`log_likelihood`.
     :returns: an :class:`IWAEBounds`.
     """
+    options = resolve_options(options, keywords, "iwae_bounds")
     if isinstance(num_samples, int):
         num_samples = (num_samples,)
     try:
@@ -566,17 +563,10 @@ def iwae_bounds(
         ) from None
     if not ks:
         raise ConfigError("num_samples is empty; pass e.g. (1, 10, 100, 1000)")
-    program = Program.resolve(vae, "vae")
-    max_bytes, max_rows = check_budget(max_bytes, max_rows)
-    local = check_local(local)
-    group = resolve_group(process_group, program, local)
-    program = _compiled(program, compile, local)
+    program, group = _prepared(vae, options)
     columns = []
-    with evaluating(program.modules, seed):
-        for w in _weight_batches(
-            program, data, ks[-1], max_bytes=max_bytes, max_rows=max_rows, progress=progress,
-            desc="IWAE bounds", local=local, seed=seed, group=group,
-        ):
+    with evaluating(program.modules, options.seed):
+        for w in _weight_batches(program, data, ks[-1], options, desc="IWAE bounds", group=group):
             columns.append(
                 torch.stack([torch.logsumexp(w[:k], 0) - math.log(k) for k in ks]).cpu()
             )
@@ -599,14 +589,9 @@ def elbo(
     data: Any,
     num_samples: int = 1,
     *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-    local: str | None = None,
-    process_group: Any = False,
-    compile: bool = False,
-) -> LogLikelihood:
+    options: EstimateOptions | None = None,
+    **keywords: Any,
+) -> ELBOEstimate:
     r"""Monte Carlo estimate of each datapoint's ELBO, :math:`\frac1K \sum_k w_k`.
 
     .. math::
@@ -614,24 +599,22 @@ def elbo(
         \mathcal L[q](x) = \mathbb E_{q(z \mid x)}[\log p(x, z) - \log q(z \mid x)]
         \approx \frac1K \sum_{k=1}^K w_k .
 
-    Same arguments as :func:`log_likelihood`; returns a :class:`LogLikelihood` of ELBOs.
+    :param vae: a :class:`~pyrovae.VAE` or a ``(model, guide)`` pair (see :func:`log_likelihood`).
+    :param num_samples: ``K``, draws per datapoint (>= 1).
+    :param options: how the estimate is computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it), as for :func:`log_likelihood`.
+    :returns: an :class:`ELBOEstimate`.
     """
-    program = Program.resolve(vae, "vae")
+    options = resolve_options(options, keywords, "elbo")
+    program, group = _prepared(vae, options)
     num_samples = check_positive_int(num_samples, "num_samples")
-    max_bytes, max_rows = check_budget(max_bytes, max_rows)
-    local = check_local(local)
-    group = resolve_group(process_group, program, local)
-    program = _compiled(program, compile, local)
     nonfinite = 0
     parts = []
-    with evaluating(program.modules, seed):
-        for w in _weight_batches(
-            program, data, num_samples, max_bytes=max_bytes, max_rows=max_rows,
-            progress=progress, desc="ELBO", local=local, seed=seed, group=group,
-        ):
+    with evaluating(program.modules, options.seed):
+        for w in _weight_batches(program, data, num_samples, options, desc="ELBO", group=group):
             parts.append(w.mean(0))
             nonfinite += int((~torch.isfinite(w)).any(0).sum())
     return _estimate(
-        LogLikelihood, gather_parts(parts, group, dtype=program.dtype), num_samples=num_samples,
+        ELBOEstimate, gather_parts(parts, group, dtype=program.dtype), num_samples=num_samples,
         num_nonfinite_weights=_sum(nonfinite, group),
     )

@@ -31,11 +31,11 @@ from .evaluation import (
     DEFAULT_MAX_BYTES,
     Program,
     Scorable,
-    check_budget,
     evaluating,
     frozen,
     rows_per_chunk,
 )
+from .options import EstimateOptions, resolve_options
 
 __all__ = ["optimal_elbo"]
 
@@ -253,6 +253,11 @@ def _optimize_batch(
     return best_params, step
 
 
+#: The fields of :class:`~pyrovae.options.EstimateOptions` that :func:`optimal_elbo` took as
+#: keywords before ``options`` existed (still taken).
+_KEYWORDS = ("max_bytes", "max_rows", "seed", "progress", "local")
+
+
 def optimal_elbo(
     vae: Scorable,
     data: Any,
@@ -265,11 +270,8 @@ def optimal_elbo(
     check_every: int = 50,
     tol: float = 1e-3,
     max_decays: int = 4,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_rows: int | None = None,
-    seed: int | None = None,
-    progress: bool = False,
-    local: str | None = None,
+    options: EstimateOptions | None = None,
+    **keywords: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r""":math:`\mathcal L[q^*]` per datapoint: each datapoint's variational parameters optimized.
 
@@ -281,11 +283,20 @@ def optimal_elbo(
     for a per-datapoint family see :func:`_start_params`), keeps the decoder, the prior and any
     shared network of the family fixed, and runs :func:`_optimize_batch` on batches of
     ``batch_size`` datapoints; then estimates the ELBO of the optimized distribution with
-    ``num_elbo_samples`` draws (in chunks bounded by ``max_bytes`` / ``max_rows``).
+    ``num_elbo_samples`` draws (in chunks bounded by ``options.max_bytes`` /
+    ``options.max_rows``).
 
+    :param options: how the estimate is computed (:class:`~pyrovae.options.EstimateOptions`;
+        its fields also as keywords, not beside it, as before ``options`` existed: ``max_bytes``,
+        ``max_rows``, ``seed``, ``progress``, ``local``). ``local="lookup"`` starts a
+        per-datapoint family at its stored parameters (the data are its own datapoints). The
+        optimization runs in one process and through Pyro's tracing: ``process_group`` and
+        ``compile`` are refused.
+    :param keywords: the fields of ``options`` as keywords (see ``options``).
     :returns: ``(elbo, num_steps)``, both of shape ``(num_datapoints,)``.
     """
-    max_bytes, max_rows = check_budget(max_bytes, max_rows)
+    options = resolve_options(options, keywords, "optimal_elbo", takes=_KEYWORDS)
+    options.refuse("optimal_elbo", "process_group", "compile")
     values, steps = [], []
     for sub, x, idx, n_steps in optimized_batches(
         vae,
@@ -297,11 +308,11 @@ def optimal_elbo(
         check_every=check_every,
         tol=tol,
         max_decays=max_decays,
-        seed=seed,
-        progress=progress,
-        lookup=local == "lookup",
+        seed=options.seed,
+        progress=options.progress,
+        lookup=options.local == "lookup",
     ):
-        values.append(mc_elbo(sub, x, idx, num_elbo_samples, max_bytes, max_rows))
+        values.append(mc_elbo(sub, x, idx, num_elbo_samples, options.max_bytes, options.max_rows))
         steps.append(torch.full((x.shape[0],), n_steps, dtype=torch.long))
     return torch.cat(values), torch.cat(steps)
 

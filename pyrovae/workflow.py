@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import ConfigError, PyrovaeError
+from .options import EstimateOptions
 
 if TYPE_CHECKING:  # for annotations only
     from .vae import VAE
@@ -110,12 +111,12 @@ def _fixed_test_set(test: Any, eval_points: int | None, seed: int) -> Any:
     return test
 
 
-def _local(vae: VAE) -> dict[str, Any]:
-    """Estimator options for a per-datapoint family: score new points by fitting their own
-    parameters with the decoder fixed (it holds none for them)."""
+def _local(vae: VAE) -> str | None:
+    """``EstimateOptions.local`` for ``vae`` on new points: a per-datapoint family fits their own
+    parameters with the decoder fixed (``"fit"``: it holds none for them); others ``None``."""
     from .families import capability
 
-    return {"local": "fit"} if capability(vae.family, "per_datapoint") else {}
+    return "fit" if capability(vae.family, "per_datapoint") else None
 
 
 def _ais_start(vae: VAE) -> dict[str, Any]:
@@ -145,15 +146,15 @@ def _report_estimates(vae: VAE, test: Any, num_samples: int, seed: int, progress
     say = _printer(group)  # rank 0 speaks for all
     metrics: dict[str, Any] = {} if into is None else into
     stage = [] if stage is None else stage
-    local = {**_local(vae), "process_group": group or False}
-    if compile and "local" not in local:
-        local["compile"] = True
+    local = _local(vae)
+    options = EstimateOptions(seed=seed, progress=progress, local=local,
+                              process_group=group or False, compile=compile and local is None)
     t0 = time.perf_counter()
     stage.append("the test ELBO")
-    test_elbo = elbo(vae, test, num_samples=10, seed=seed, progress=progress, **local)
+    test_elbo = elbo(vae, test, num_samples=10, options=options)
     metrics["test_elbo"] = {**test_elbo.to_dict(), "num_samples": 10}
     stage.append("the importance-sampled test log-likelihood")
-    ll = log_likelihood(vae, test, num_samples=num_samples, seed=seed, progress=progress, **local)
+    ll = log_likelihood(vae, test, num_samples=num_samples, options=options)
     seconds = time.perf_counter() - t0
     say(f"test ELBO            {test_elbo.mean:9.2f} ± {test_elbo.stderr:.2f} nats "
         f"(10 samples per datapoint, n={len(test_elbo.values)})")
@@ -201,8 +202,8 @@ def _ais_check(vae: VAE, test: Any, ll: Any, points: int, steps: int, chains: in
     with warnings.catch_warnings():  # said in the verdict instead
         warnings.simplefilter("ignore", AISConvergenceWarning)
         a = ais(vae, test.subset(n) if hasattr(test, "subset") else test[:n],
-                num_intermediate=steps, num_chains=chains, leapfrog_steps=10, seed=seed,
-                progress=progress, **_ais_start(vae), process_group=group or False)
+                num_intermediate=steps, num_chains=chains, leapfrog_steps=10, **_ais_start(vae),
+                options=EstimateOptions(seed=seed, progress=progress, process_group=group or False))
     diff = a.values - ll.values[:n]
     finite = torch.isfinite(diff)
     d = float(diff[finite].mean()) if bool(finite.any()) else float("nan")
@@ -654,8 +655,9 @@ def _evaluate_run(args: argparse.Namespace) -> int:
 
         t0 = time.perf_counter()
         result = ais(vae, test, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
-                     leapfrog_steps=args.leapfrog_steps, seed=args.seed, progress=progress,
-                     **_ais_start(vae), process_group=group or False)
+                     leapfrog_steps=args.leapfrog_steps, **_ais_start(vae),
+                     options=EstimateOptions(seed=args.seed, progress=progress,
+                                             process_group=group or False))
         say(f"test log-likelihood  {result.mean:9.2f} ± {result.stderr:.2f} nats (AIS, "
             f"T={args.ais_steps}, {args.ais_chains} chains, {args.leapfrog_steps} leapfrog "
             f"steps, acceptance {float(result.acceptance.mean()):.2f}, n={len(result.values)})")
@@ -738,8 +740,8 @@ def _bdmc(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     result = bdmc(vae, args.points, num_intermediate=args.ais_steps, num_chains=args.ais_chains,
                   leapfrog_steps=args.leapfrog_steps, is_samples=tuple(args.is_samples),
-                  seed=args.seed, progress=not args.no_progress, **_ais_start(vae),
-                  **_local(vae))
+                  **_ais_start(vae), options=EstimateOptions(
+                      seed=args.seed, progress=not args.no_progress, local=_local(vae)))
     print(result)
     report = {**result.to_dict(), "seconds": time.perf_counter() - t0, "seed": args.seed,
               "versions": _versions()}
@@ -792,8 +794,8 @@ def _gaps(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result = gaps(vae, test, num_samples=args.num_samples,
                       num_elbo_samples=args.num_elbo_samples, num_steps=args.num_steps,
-                      seed=args.seed, progress=not args.no_progress, log_px=args.estimator,
-                      ais_options=_gaps_ais_options(args))
+                      log_px=args.estimator, ais_options=_gaps_ais_options(args),
+                      options=EstimateOptions(seed=args.seed, progress=not args.no_progress))
         diagnostics = diagnose(vae, test, seed=args.seed, mi_batch_size=args.mi_batch_size,
                                progress=not args.no_progress)
         results.append(result)
