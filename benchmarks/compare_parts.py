@@ -8,7 +8,7 @@ sampling with ``K = --num-samples`` draws, with PSIS k-hat. The reference row is
 normal prior with the diagonal family; every other row changes exactly one part, and the
 table reports its difference from the reference, measured in the same run.
 
-The published numbers (DESIGN.md) come from thousands of epochs; this budget is minutes, so the
+The published numbers (docs/references.md) come from thousands of epochs; this budget is minutes, so the
 absolute values are far from them and only the differences between rows mean something.
 
     python benchmarks/compare_parts.py --data-root ../shared/data --epochs 10 \\

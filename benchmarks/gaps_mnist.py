@@ -14,7 +14,7 @@ Then, on the first ``--test-points`` test digits (binarized once with a fixed se
 with ``--num-elbo-samples`` draws, q* by per-datapoint optimization) and the latent diagnostics,
 and writes ``benchmarks/results/gaps_mnist.json`` and ``gaps_mnist.md``: each family's numbers
 side by side, the flow's gaps as a ratio of the diagonal reference's, and Cremer et al.'s
-reported magnitudes (both gaps about 1-2 nats on MNIST; DESIGN.md).
+reported magnitudes (both gaps about 1-2 nats on MNIST; docs/references.md).
 
 Usage::
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-#: Published references (DESIGN.md), nats.
+#: Published references (docs/references.md), nats.
 PUBLISHED = {
     "cremer2018": "Cremer et al. 2018 (784-200-200-50, MNIST): approximation and amortization "
     "gaps both about 1 to 2 nats for the factorized Gaussian; flows shrink the approximation gap",

@@ -14,7 +14,7 @@ stochastic layers (784-100-100-(z1: 100)-50-50-(z2: 50) tanh, mirrored decoder;
 ``pyrovae.Hierarchical`` prior and ``pyrovae.BottomUp`` family): ``vae-dynamic-k1-2l`` (85.33),
 ``iwae-dynamic-k5-2l`` (83.89), ``iwae-dynamic-k50-2l`` (82.90). The IWAE settings
 need ``pyrovae.losses.IWAE`` (the IWAE bound with the plate's scale outside the logsumexp);
-``pyro.infer.RenyiELBO`` is *not* that bound under subsampling (DESIGN.md) and is never used.
+``pyro.infer.RenyiELBO`` is *not* that bound under subsampling (docs/references.md) and is never used.
 
 Schedules (``--schedule``): ``burda`` (minibatch 20, as published), ``burda-b100`` (the same
 epochs and learning rates at minibatch 100: 2.4x faster per epoch on one CPU thread, see
@@ -163,7 +163,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
               "text": "784-200-200-50 tanh"},
     "tomczak": {"latent_dim": 40, "hidden_dims": (300, 300), "activation": "tanh",
                 "text": "784-300-300-40 tanh (Tomczak & Welling: gated units)"},
-    # Burda et al. 2016, section 5 (and DESIGN.md): two deterministic layers of 100 units between
+    # Burda et al. 2016, section 5 (and docs/references.md): two deterministic layers of 100 units between
     # x and z1 (100 units), two of 50 units between z1 and z2 (50 units), tanh, mirrored in the
     # decoder: p(z2) = N(0, I), p(z1|z2) by 50-50-50-(100), p(x|z1) by 100-100-100-784.
     "burda-2l": {"latent_dim": 150, "hidden_dims": (100, 100), "activation": "tanh",
@@ -428,7 +428,7 @@ RUN_NOTES: dict[str, tuple[str, ...]] = {
         "initialization, and a test set binarized once with a fixed seed",
     ),
     "vae-dynamic-k1-2l": (
-        "the architecture of Burda et al.'s two-stochastic-layer models as DESIGN.md and issue 24 "
+        "the architecture of Burda et al.'s two-stochastic-layer models as docs/references.md and issue 24 "
         "give it: 784-100-100-(z1: 100)-50-50-(z2: 50), tanh, mirrored in the decoder (a first "
         "run to epoch 123 used 200/100-unit deterministic layers and was discarded)",
     ),

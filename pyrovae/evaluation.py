@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 #: Default cap on rows (draws x datapoints) per decoder call: 1,000-4,000 rows keep a CPU
-#: decoder cache-resident (DESIGN.md); also the chunking the estimators used before the byte
+#: decoder cache-resident (docs/references.md); also the chunking the estimators used before the byte
 #: budget existed, so fixed-seed values are unchanged where the budget does not bind.
 DEFAULT_MAX_ROWS = 2048
 

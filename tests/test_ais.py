@@ -1,5 +1,5 @@
 """AIS and BDMC against closed forms: the linear-Gaussian model (probabilistic PCA) and the 1-D
-mixture of Gaussians (DESIGN.md), in float64 with fixed seeds.
+mixture of Gaussians (docs/references.md), in float64 with fixed seeds.
 
 Tolerances. AIS's log-weights over ``C`` chains give each datapoint's estimate a Monte Carlo
 standard error ``chain_stderr`` (delta method over the chains); with enough intermediate

@@ -1,4 +1,4 @@
-"""Importance sampling against an exact marginal: the 1-D mixture model (DESIGN.md), PSIS k-hat
+"""Importance sampling against an exact marginal: the 1-D mixture model (docs/references.md), PSIS k-hat
 for good and bad proposals, and the IWAE bounds tightening with K.
 
 The model: z ~ sum_n lambda_n N(mu_n, s_n^2) (a 1-D mixture prior), x | z ~ N(z, tau^2). Its
