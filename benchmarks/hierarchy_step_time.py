@@ -3,7 +3,7 @@
 Two models trained by ``pyrovae.fit`` with the default loss, side by side in one process, taking
 turns epoch by epoch (the cores are shared, so both see the same disturbances):
 
-- **two layers**: Burda et al.'s 784-200-200-(z1: 100)-100-100-(z2: 50) tanh with the mirrored
+- **two layers**: Burda et al.'s 784-100-100-(z1: 100)-50-50-(z2: 50) tanh with the mirrored
   decoder (``pyrovae.Hierarchical`` prior, ``pyrovae.BottomUp`` family, the decoder reading z1;
   benchmarks/mnist_nll.py's ``burda-2l``);
 - **one layer, same arithmetic**: 784-H-H-50 tanh with a diagonal Gaussian family and a
@@ -48,9 +48,9 @@ def multiply_adds(module: torch.nn.Module) -> int:
 def two_layer_config(num_features: int = 784):
     from pyrovae.build import VAEConfig
 
-    return VAEConfig(num_features, latent_dim=150, hidden_dims=(200, 200), activation="tanh",
+    return VAEConfig(num_features, latent_dim=150, hidden_dims=(100, 100), activation="tanh",
                      prior="hierarchical", family="bottom_up",
-                     options={"layers": [100, 50], "layer_hidden_dims": [100, 100]})
+                     options={"layers": [100, 50], "layer_hidden_dims": [50, 50]})
 
 
 def one_layer_config(hidden: int, num_features: int = 784):
@@ -63,7 +63,7 @@ def matching_hidden(target: int, num_features: int = 784) -> int:
     """The H whose 784-H-H-50 model's multiply-adds are nearest ``target``."""
     from pyrovae.build import build_vae
 
-    return min(range(100, 400), key=lambda h: abs(
+    return min(range(20, 400), key=lambda h: abs(
         multiply_adds(build_vae(one_layer_config(h, num_features), 1)) - target))
 
 
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "batch_size": args.batch_size, "steps_per_epoch": args.steps, "rounds": args.rounds,
         "models": {
-            "two_layers": {"architecture": "784-200-200-(z1: 100)-100-100-(z2: 50) tanh, "
+            "two_layers": {"architecture": "784-100-100-(z1: 100)-50-50-(z2: 50) tanh, "
                                            "Hierarchical prior, BottomUp family, decoder reads z1",
                            "multiply_adds": macs["two_layers"]},
             "one_layer": {"architecture": f"784-{hidden}-{hidden}-50 tanh, StandardNormal prior, "
