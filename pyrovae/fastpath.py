@@ -65,6 +65,7 @@ __all__ = [
     "site_problem",
     "TrainingLoss",
     "verify_weights",
+    "check_parameters",
 ]
 
 #: The particle plate the estimators put around the guide and the model.
@@ -470,3 +471,37 @@ def _prove_weights(vae: Any, x: torch.Tensor, idx: torch.Tensor, traced: Callabl
     if not same:
         return Verdict(None, "the direct importance weights do not equal the traced ones on it")
     return Verdict("distributions")
+
+
+# ------------------------------------------------------------------------------ parameters
+def check_parameters(vae: Any, x: torch.Tensor, idx: torch.Tensor, kwargs: dict[str, Any]) -> None:
+    """Refuse, in one line and before any update, a program that registers a parameter
+    (``pyro.param``, or ``pyro.module`` of a network) that is not a parameter of the VAE's modules:
+    :func:`pyrovae.fit` optimizes and checkpoints the VAE's parameters, so such a parameter would
+    silently stay at its initial value. Checked once per program (see :func:`program_key`), on
+    the public ``model`` and ``guide`` traced with the RNGs forked and the buffers restored."""
+    if not isinstance(vae, nn.Module) or not all(hasattr(vae, a) for a in ("model", "guide")):
+        return
+    key = ("parameters",) + program_key(vae, x) if _is_vae(vae) else None
+    if key is not None and _cached(vae, key) is not None:
+        return
+    own = {id(p) for p in vae.parameters()}
+    foreign = []
+    with _Isolated(vae, x), torch.no_grad(), pyro.validation_enabled(False), poutine.block():
+        for fn in (vae.guide, vae.model):
+            trace = poutine.trace(fn).get_trace(x, idx, **kwargs)
+            foreign += [n for n, site in trace.nodes.items()
+                        if site["type"] == "param" and not _own_parameter(site["value"], own)]
+    if foreign:
+        raise ConfigError(
+            f"the program registers the parameter {foreign[0]!r}, which is not a parameter of the "
+            f"{type(vae).__name__}'s modules: fit trains and checkpoints the VAE's parameters only, "
+            "so it would never change; make it an nn.Parameter of one of the parts (or a PyroParam "
+            "of a PyroModule part)"
+        )
+    if key is not None:
+        _PROOFS.setdefault(vae, {})[key] = Verdict(None)
+
+
+def _is_vae(vae: Any) -> bool:
+    return all(hasattr(vae, a) for a in ("prior", "family", "likelihood"))

@@ -64,7 +64,7 @@ from . import distributed
 from ._batching import as_dataset
 from ._checks import check_positive_float, check_positive_int, to_device
 from .errors import Preempted, CheckpointError, ConfigError, DataError, NumericalWarning, TrainingError
-from .fastpath import TrainingLoss
+from .fastpath import TrainingLoss, check_parameters
 from .importance import elbo as elbo_estimate
 from .state import History, TrainState, rng_state, set_rng_state
 
@@ -416,6 +416,8 @@ class SVI:
         params = [p for group_ in optimizer.param_groups for p in group_["params"]]
         rows = len(idx) if batch_rows is None else batch_rows
         device = state.objective_sum.device
+        if len(idx) > 0:  # once per program: every parameter it registers is one fit trains
+            check_parameters(state.vae, x, idx, objective.kwargs(kl_weight))
         if len(idx) == 0:  # a rank with an empty shard of a tiny last minibatch
             value = torch.zeros((), dtype=torch.float64, device=device)
         elif objective.differentiable is not None:  # Pyro's loss, or its proven direct evaluation

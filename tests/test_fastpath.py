@@ -367,3 +367,27 @@ def test_bdmc_refuses_a_model_whose_factor_reweights_its_joint(data):
     """BDMC simulates (x, z) by ancestral sampling, which a pyro.factor does not follow."""
     with pytest.raises(ConfigError, match="pyro.factor.*BDMC cannot simulate"):
         _quiet(pyrovae.bdmc, _vae(Penalized), 4, num_intermediate=5, num_chains=2, example=data[:1])
+
+
+def test_fit_refuses_a_parameter_it_would_not_train(data, tmp_path):
+    """A pyro.param outside the VAE's modules would stay at its initial value under fit (which
+    optimizes and checkpoints the VAE's parameters): refused in one line before any update."""
+    class Shifted(VAE):
+        def model(self, x, idx=None, *, kl_weight=1.0):
+            shift = pyro.param("my_shift", torch.zeros(()))
+            pyro.module(self._param_name, self)
+            with self._plate(x, idx):
+                z = pyro.sample("z", self.prior())
+                pyro.sample("x", dist.Bernoulli(logits=self.likelihood.decoder(z) + shift).to_event(1),
+                            obs=x)
+            return z
+
+    pyro.clear_param_store()
+    vae = _vae(Shifted)
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    for loss in (Trace_ELBO(), IWAE(3)):
+        with pytest.raises(ConfigError, match="'my_shift'.*never change"):
+            _quiet(pyrovae.fit, vae, data, loss=loss, num_epochs=1, batch_size=8, progress=False,
+                   checkpoint_dir=tmp_path / "run")
+    assert all(torch.equal(before[k], v) for k, v in vae.state_dict().items())
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
