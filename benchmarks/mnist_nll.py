@@ -725,7 +725,8 @@ def markdown(rows: list[dict[str, Any]], out: Path = RESULTS) -> str:
     if checked:
         lines += ["", "AIS beside IS: `benchmarks/certify_mnist.py` (T = 1000, 4 chains, its "
                   "convergence check passed) and IS (K = 5000) on the same fixed random 500 test "
-                  "digits: [mnist_certified.md](mnist_certified.md). AIS is the stronger estimate; "
+                  "digits ([mnist_certified.json](./mnist_certified.json); its table: "
+                  "`benchmarks/results/mnist_certified.md`). AIS is the stronger estimate; "
                   "the IS figures of the table are low by about that much."]
     notes = [f"- `{r['setting']}`: {note}" for r in rows for note in RUN_NOTES.get(r["setting"], ())]
     if notes:
