@@ -70,6 +70,19 @@ class PenalizedBernoulli(Bernoulli):
         return super().forward(z)
 
 
+class Shifted(VAE):
+    """A model with a pyro.param outside the VAE's modules (a user's own parameter)."""
+
+    def model(self, x, idx=None, *, kl_weight=1.0):
+        shift = pyro.param("my_shift", torch.zeros(()))
+        pyro.module(self._param_name, self)
+        with self._plate(x, idx):
+            z = pyro.sample("z", self.prior())
+            pyro.sample("x", dist.Bernoulli(logits=self.likelihood.decoder(z) + shift).to_event(1),
+                        obs=x)
+        return z
+
+
 def _vae(cls=VAE, likelihood_cls=Bernoulli, num_data=N):
     torch.manual_seed(0)
     return cls(StandardNormal(LATENT), DiagonalNormal(MLP(D, (8,), 8), LATENT),
@@ -180,16 +193,6 @@ def test_other_sites_send_it_to_pyro_and_say_so_once(data, make, site):
 
 
 def test_a_param_that_is_not_the_vaes_sends_it_to_pyro(data):
-    class Shifted(VAE):
-        def model(self, x, idx=None, *, kl_weight=1.0):
-            shift = pyro.param("my_shift", torch.zeros(()))
-            pyro.module(self._param_name, self)
-            with self._plate(x, idx):
-                z = pyro.sample("z", self.prior())
-                pyro.sample("x", dist.Bernoulli(logits=self.likelihood.decoder(z) + shift).to_event(1),
-                            obs=x)
-            return z
-
     pyro.clear_param_store()
     verdict, _ = _verdict(_vae(Shifted), data[:8])
     assert verdict.level is None and "my_shift" in verdict.reason
@@ -372,16 +375,6 @@ def test_bdmc_refuses_a_model_whose_factor_reweights_its_joint(data):
 def test_fit_refuses_a_parameter_it_would_not_train(data, tmp_path):
     """A pyro.param outside the VAE's modules would stay at its initial value under fit (which
     optimizes and checkpoints the VAE's parameters): refused in one line before any update."""
-    class Shifted(VAE):
-        def model(self, x, idx=None, *, kl_weight=1.0):
-            shift = pyro.param("my_shift", torch.zeros(()))
-            pyro.module(self._param_name, self)
-            with self._plate(x, idx):
-                z = pyro.sample("z", self.prior())
-                pyro.sample("x", dist.Bernoulli(logits=self.likelihood.decoder(z) + shift).to_event(1),
-                            obs=x)
-            return z
-
     pyro.clear_param_store()
     vae = _vae(Shifted)
     before = {k: v.clone() for k, v in vae.state_dict().items()}
